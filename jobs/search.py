@@ -1,0 +1,30 @@
+"""Entry point: search a built index with a query image; optional region re-ranking and query expansion.
+
+    python jobs/search.py --index runs/demo/index --image photo.jpg --top-k 10 --rerank 100 --qe 5 [--json]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import _common
+
+from pipeline.config import SearchConfig, parse_args, parse_storage_options
+from pipeline.report import markdown_table
+from pipeline.search import Searcher
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(SearchConfig, argv, "jobs/search.py", __doc__.splitlines()[0])
+    _common.setup_logging()
+    searcher = Searcher(cfg.index, parse_storage_options(cfg.storage_options))
+    hits = searcher.search([cfg.image], top_k=cfg.top_k, rerank=cfg.rerank, qe=cfg.qe, space=cfg.space)[0]
+    rows = [dataclasses.asdict(h) for h in hits]
+    print(json.dumps(rows, indent=2) if cfg.json else markdown_table(rows, ["rank", "image_id", "uri", "score"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Job configs: one frozen dataclass per job, strict parsing from CLI flags or dicts, a stable config hash."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = REPO_ROOT / "data" / "caltech8"
+
+BACKBONES = ("mobilenet_v2", "vgg16", "resnet50", "efficientnet_lite0")
+PROPOSERS = ("activation", "rpn")
+REGION_POOLS = ("gem", "mac", "spoc")
+PROTOCOLS = ("category", "oxford", "revisited", "labels")
+
+# Keys whose values may carry credentials: never logged, hashed or written to manifests.
+SECRET_FIELDS = ("storage_options",)
+
+T = TypeVar("T")
+
+
+def _opt(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field with CLI metadata (help text, choices, a required flag)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What determines the model's output: hashed into every row it produces."""
+
+    backbone: str = _opt("mobilenet_v2", "CNN backbone", choices=BACKBONES)
+    proposer: str = _opt("activation", "region proposer: training-free activation regions, or a trained RPN", choices=PROPOSERS)
+    regions: int = _opt(6, "top-K regions kept per image")
+    max_side: int = _opt(448, "longer image side fed to the CNN, in pixels (aspect kept)")
+    region_pool: str = _opt("gem", "pooling of RoI features into a region descriptor (non-VGG backbones)", choices=REGION_POOLS)
+    checkpoint: str = _opt("", "URL of a trained region-model checkpoint (required for --proposer rpn)")
+    random_weights: bool = _opt(False, "use random backbone weights (tests only; never the default)")
+
+    def validate(self) -> None:
+        """Raise ConfigError for values outside their domain."""
+        if self.regions < 1 or self.regions > 1000:
+            raise ConfigError(f"regions must be in [1, 1000], got {self.regions}")
+        if self.max_side < 32 or self.max_side > 4096:
+            raise ConfigError(f"max_side must be in [32, 4096], got {self.max_side}")
+        if self.proposer == "rpn" and not self.checkpoint:
+            raise ConfigError("--proposer rpn needs --checkpoint URL of a trained region model")
+
+    def model_hash(self) -> str:
+        """A short stable hash of everything that changes the model's output."""
+        return config_hash(self)
+
+
+@dataclass(frozen=True)
+class ExtractConfig(ModelConfig):
+    """`jobs/extract.py`: images under --input -> Parquet features under --output."""
+
+    input: str = _opt("", "directory/prefix URL of images, or a manifest (.parquet/.csv); default: the embedded sample")
+    output: str = _opt("", "output URL (local path, file://, s3://...)", required=True)
+    shard_size: int = _opt(256, "images per shard (the unit of work, failure and retry)")
+    batch_size: int = _opt(16, "images per forward pass")
+    num_actors: int = _opt(0, "model actors; 0 = one per GPU, or one on a CPU-only cluster")
+    num_gpus: float = _opt(-1.0, "GPUs per model actor; -1 = 1 when the cluster has GPUs, else 0")
+    threads: int = _opt(0, "torch CPU threads per actor; 0 = the actor's CPUs")
+    actor_cpus: float = _opt(1.0, "CPUs reserved per model actor")
+    prefetch: int = _opt(2, "decoded shards in flight per actor (pipelining decode with inference)")
+    float16: bool = _opt(False, "store vectors as float16 (half the bytes)")
+    max_pixels: int = _opt(89_478_485, "refuse images with more pixels (decompression bombs)")
+    storage_options: str = _opt("", "JSON of fsspec storage options (never logged)")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.output:
+            raise ConfigError("--output is required")
+        for name in ("shard_size", "batch_size", "prefetch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.num_actors < 0 or self.threads < 0 or self.actor_cpus < 0:
+            raise ConfigError("num_actors, threads and actor_cpus must be >= 0")
+        parse_storage_options(self.storage_options)
+
+    def model_config(self) -> ModelConfig:
+        """The model part of this config."""
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        return ModelConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """`jobs/index.py`: Parquet features -> PCA + faiss indexes."""
+
+    features: str = _opt("", "URL of an extraction output", required=True)
+    output: str = _opt("", "URL of the index output", required=True)
+    pca_dim: int = _opt(512, "PCA output dimension (clipped to the data)")
+    whiten: bool = _opt(False, "PCA whitening")
+    local_weight: float = _opt(1.0, "weight of the L2-normalised local feature in the fused vector")
+    pca_sample: int = _opt(100_000, "images sampled to fit PCA")
+    factory: str = _opt("", "faiss index-factory string; default: chosen from corpus size and memory budget")
+    memory_budget_gb: float = _opt(8.0, "memory budget for each index, GiB")
+    storage_options: str = _opt("", "JSON of fsspec storage options (never logged)")
+
+    def validate(self) -> None:
+        if not self.features or not self.output:
+            raise ConfigError("--features and --output are required")
+        if self.pca_dim < 1 or self.pca_sample < 1 or self.memory_budget_gb <= 0 or self.local_weight < 0:
+            raise ConfigError("pca_dim, pca_sample, memory_budget_gb must be > 0 and local_weight >= 0")
+        parse_storage_options(self.storage_options)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """`jobs/search.py`: one query image against a built index."""
+
+    index: str = _opt("", "URL of an index output (jobs/index.py)", required=True)
+    image: str = _opt("", "query image path or URL", required=True)
+    top_k: int = _opt(10, "results to print")
+    rerank: int = _opt(0, "re-rank the top-N by region similarity (paper 2.5); 0 = off")
+    qe: int = _opt(0, "average query expansion with the top-k; 0 = off")
+    space: str = _opt("fused", "which index to search: fused (paper 2.4) or crow (2.5)", choices=("fused", "crow"))
+    json: bool = _opt(False, "print JSON instead of a table")
+    storage_options: str = _opt("", "JSON of fsspec storage options (never logged)")
+
+    def validate(self) -> None:
+        if not self.index or not self.image:
+            raise ConfigError("--index and --image are required")
+        if self.top_k < 1 or self.rerank < 0 or self.qe < 0:
+            raise ConfigError("top_k must be >= 1; rerank and qe >= 0")
+        parse_storage_options(self.storage_options)
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig(ModelConfig):
+    """`jobs/benchmark.py`: a retrieval protocol over a dataset -> report.json + Markdown table + pictures."""
+
+    dataset: str = _opt("", "dataset root directory; default: the embedded sample")
+    protocol: str = _opt("category", "evaluation protocol", choices=PROTOCOLS)
+    queries: str = _opt("", "query list file (paths relative to the dataset root); default: a seeded random 5%")
+    features: str = _opt("", "reuse an earlier extraction at this URL instead of extracting")
+    report: str = _opt("", "output URL for report.json and pictures", required=True)
+    k: int = _opt(10, "k of top-k precision (category protocol)")
+    methods: str = _opt("", "comma-separated methods; default: all that apply to the protocol")
+    merge_faces: bool = _opt(True, "Caltech-101: count Faces and Faces_easy as one class (same photographs)")
+    pca_dim: int = _opt(512, "PCA dimension for the fused feature")
+    local_weight: float = _opt(1.0, "weight of the local feature in the fused vector")
+    rerank: int = _opt(100, "top-N re-ranked by regions (crow+rerank)")
+    qe: int = _opt(5, "query expansion depth")
+    bow_words: int = _opt(1000, "BoW vocabulary size")
+    figure_queries: int = _opt(4, "queries shown in the results picture")
+    seed: int = _opt(0, "seed of the random query sample")
+    batch_size: int = _opt(16, "images per forward pass when extracting")
+    shard_size: int = _opt(256, "images per shard when extracting")
+    storage_options: str = _opt("", "JSON of fsspec storage options (never logged)")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.report:
+            raise ConfigError("--report is required")
+        if self.k < 1 or self.rerank < 0 or self.qe < 0 or self.pca_dim < 1:
+            raise ConfigError("k, pca_dim must be >= 1; rerank, qe >= 0")
+        parse_storage_options(self.storage_options)
+
+    def model_config(self) -> ModelConfig:
+        """The model part of this config."""
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        return ModelConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+def parse_storage_options(text: str) -> dict[str, Any]:
+    """Parse the JSON storage options of a config (empty -> {}).
+
+    Args:
+        text: a JSON object or an empty string.
+
+    Returns:
+        The options dict.
+
+    Raises:
+        ConfigError: when it is not a JSON object.
+    """
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--storage-options is not valid JSON: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise ConfigError("--storage-options must be a JSON object")
+    return value
+
+
+def public_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a dict with secret fields redacted: what may be logged and written beside outputs."""
+    d = dataclasses.asdict(cfg)
+    for k in SECRET_FIELDS:
+        if k in d and d[k]:
+            d[k] = "<redacted>"
+    return d
+
+
+def config_hash(cfg: Any) -> str:
+    """A short stable hash of a config's public fields (sorted JSON, sha256, 12 hex)."""
+    blob = json.dumps({k: v for k, v in public_dict(cfg).items() if k not in SECRET_FIELDS}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _coerce(name: str, typ: Any, value: Any) -> Any:
+    """Convert and type-check one value for a dataclass field; strict: no silent truncation."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}: expected a boolean, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported field type {typ}")
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Build and validate a config from a dict; unknown keys and bad values are errors.
+
+    Args:
+        cls: the config dataclass.
+        values: field name -> value (dashes allowed in names).
+
+    Returns:
+        The validated frozen config.
+
+    Raises:
+        ConfigError: on unknown keys, bad types, values outside choices, or failed validation.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in fields:
+            raise ConfigError(f"unknown option {raw_key!r} for {cls.__name__}; known: {sorted(fields)}")
+        v = _coerce(key, hints[key], value)
+        choices = fields[key].metadata.get("choices")
+        if choices and v not in choices:
+            raise ConfigError(f"{key}: {v!r} is not one of {list(choices)}")
+        kwargs[key] = v
+    cfg = cls(**kwargs)
+    cfg.validate()  # type: ignore[attr-defined]
+    return cfg
+
+
+def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per dataclass field (``--max-side``), help and choices from metadata."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        typ = hints[f.name]
+        if typ is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=meta.get("help"))
+        else:
+            p.add_argument(flag, dest=f.name, type=typ, default=f.default, choices=meta.get("choices"),
+                           required=bool(meta.get("required")), help=meta.get("help"))
+    return p
+
+
+def parse_args(cls: type[T], argv: Sequence[str] | None, prog: str, description: str) -> T:
+    """Parse CLI flags into a validated config; argparse rejects unknown flags, validation the rest.
+
+    Args:
+        cls: the config dataclass.
+        argv: arguments (None = sys.argv[1:]).
+        prog: program name for --help.
+        description: --help text.
+
+    Returns:
+        The validated config.
+    """
+    parser = build_parser(cls, prog, description)
+    ns = parser.parse_args(argv)
+    try:
+        return from_dict(cls, vars(ns))
+    except ConfigError as e:
+        parser.error(str(e))
+        raise  # unreachable: parser.error exits
+
+
+def default_storage_options() -> dict[str, Any]:
+    """Storage options from the environment for tests and local endpoints (SIGREGIONS_STORAGE_OPTIONS JSON)."""
+    return parse_storage_options(os.environ.get("SIGREGIONS_STORAGE_OPTIONS", ""))

@@ -1,0 +1,106 @@
+"""The Ray plan of an extraction: decode tasks on CPU workers feeding model actors (GPU or CPU), shard by shard."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from typing import Any
+
+from pipeline import storage
+from pipeline.config import ExtractConfig, parse_storage_options
+from pipeline.extract import ShardWorker, decode_shard, finish, plan_shards, prepare_output, summarise
+
+log = logging.getLogger(__name__)
+
+SHARD_ATTEMPTS = 3  # a shard whose actor died is resubmitted this many times before the job fails
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local Ray instance.
+
+    Args:
+        num_cpus: CPUs of a local instance (None = all).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def run_ray(cfg: ExtractConfig, progress_every_s: float = 10.0) -> dict[str, Any]:
+    """Run an extraction on the Ray cluster this process is connected to (``init_ray`` first).
+
+    Input and output are checked before any work starts; the plan skips shards already done; decode tasks run ahead
+    of the model actors by ``prefetch`` shards per actor so decoding, inference and writing overlap, and at most that
+    many decoded shards exist at once (memory stays flat as the corpus grows). A shard whose actor dies is
+    resubmitted; the run manifest is written last.
+
+    Args:
+        cfg: the extraction config.
+        progress_every_s: seconds between progress lines.
+
+    Returns:
+        The run manifest.
+    """
+    import ray
+
+    so = parse_storage_options(cfg.storage_options)
+    t0 = time.perf_counter()
+    records = storage.list_images(cfg.input, so)  # fails fast on an unreachable input
+    markers = prepare_output(cfg, so)  # fails fast on an unwritable output
+    plan = plan_shards(records, markers, cfg.shard_size)
+    total_images = sum(len(s.records) for s in plan.shards)
+    log.info("input %s: %d images listed, %d already done, %d to process in %d shards, %d to delete",
+             cfg.input, len(records), plan.skipped, total_images, len(plan.shards), len(plan.deleted))
+    done: list[dict[str, Any]] = []
+    if plan.shards:
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        num_gpus = cfg.num_gpus if cfg.num_gpus >= 0 else (1.0 if gpus >= 1 else 0.0)
+        n_actors = cfg.num_actors or (max(1, int(gpus // num_gpus)) if num_gpus > 0 else 1)
+        n_actors = max(1, min(n_actors, len(plan.shards)))
+        log.info("%d model actor(s), %.2g GPU and %.2g CPU each", n_actors, num_gpus, cfg.actor_cpus)
+        actor_cls = ray.remote(num_cpus=cfg.actor_cpus, num_gpus=num_gpus, max_restarts=-1,
+                               max_task_retries=0)(ShardWorker)
+        actors = [actor_cls.remote(model_config=cfg.model_config(), output=cfg.output, batch_size=cfg.batch_size,
+                                   float16=cfg.float16, threads=cfg.threads, storage_options=so)
+                  for _ in range(n_actors)]
+        decode = ray.remote(num_cpus=1, max_retries=SHARD_ATTEMPTS)(decode_shard)
+        queue = deque((s, 1) for s in plan.shards)
+        inflight: dict[Any, tuple[Any, int, int]] = {}
+        load = [0] * n_actors
+        last = time.perf_counter()
+        while queue or inflight:
+            while queue and len(inflight) < n_actors * cfg.prefetch:
+                shard, attempt = queue.popleft()
+                a = min(range(n_actors), key=load.__getitem__)
+                ref = actors[a].run.remote(decode.remote(shard, cfg.max_side, cfg.max_pixels, so))
+                inflight[ref] = (shard, a, attempt)
+                load[a] += 1
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress_every_s)
+            for ref in ready:
+                shard, a, attempt = inflight.pop(ref)
+                load[a] -= 1
+                try:
+                    done.append(ray.get(ref))
+                except ray.exceptions.RayError as e:
+                    if attempt >= SHARD_ATTEMPTS:
+                        raise RuntimeError(f"shard {shard.shard_id} failed {attempt} times; rerun the same command "
+                                           f"to resume: {e}") from e
+                    log.warning("shard %s failed (attempt %d), resubmitting: %s", shard.shard_id, attempt,
+                                str(e).splitlines()[0])
+                    queue.append((shard, attempt + 1))
+            if time.perf_counter() - last >= progress_every_s or not (queue or inflight):
+                s = summarise(done, time.perf_counter() - t0)
+                log.info("progress: %d/%d shards, %d/%d images, %.1f images/s, %d errors", len(done), len(plan.shards),
+                         s["images"], total_images, s["images_per_s"] or 0.0, s["errors"])
+                last = time.perf_counter()
+        for actor in actors:
+            ray.kill(actor)
+    return finish(cfg, plan, done, time.perf_counter() - t0, so)

@@ -1,0 +1,152 @@
+"""Tests for pipeline.rerank: region re-ranking on a constructed case and against a loop reference; QE formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pipeline.rerank as rerank_mod
+from pipeline.rerank import alpha_query_expansion, average_query_expansion, region_rerank
+
+
+def _reference_rerank(q, cand, init, regions, offsets, mode, alpha):
+    """Plain-loop implementation of the documented scoring, used as the oracle."""
+    ids_out, scores_out = [], []
+    for qi in range(len(q)):
+        qn = q[qi] / np.linalg.norm(q[qi])
+        scored = []
+        for pos, (c, s0) in enumerate(zip(cand[qi], init[qi])):
+            if c < 0:
+                scored.append((-np.inf, pos, c))
+                continue
+            r = regions[offsets[c] : offsets[c + 1]].astype(np.float64)
+            if len(r) == 0:
+                scored.append((float(s0), pos, c))
+                continue
+            sims = (r / np.linalg.norm(r, axis=1, keepdims=True)) @ qn
+            agg = sims.max() if mode == "max" else sims.mean()
+            scored.append((alpha * agg + (1 - alpha) * s0, pos, c))
+        scored.sort(key=lambda t: (-t[0], t[1]))  # descending score, ties by initial position
+        ids_out.append([c for _, _, c in scored])
+        scores_out.append([s for s, _, _ in scored])
+    return np.array(ids_out, dtype=np.int64), np.array(scores_out)
+
+
+def test_constructed_case_moves_exact_region_match_first():
+    q = np.array([[1.0, 2.0, 0.0, 0.0]], dtype=np.float32)
+    # Image 0: a region orthogonal to q; image 1: two regions, one half-aligned; image 2: no regions;
+    # image 3: one region equal to q (scaled, to check normalisation) among others.
+    regions = np.array(
+        [
+            [0.0, 0.0, 1.0, 0.0],  # 0
+            [1.0, 0.0, 0.0, 0.0],  # 1
+            [0.0, 0.0, 0.0, 1.0],  # 1
+            [0.0, 0.0, 1.0, 1.0],  # 3
+            [3.0, 6.0, 0.0, 0.0],  # 3: parallel to q
+        ],
+        dtype=np.float32,
+    )
+    offsets = np.array([0, 1, 3, 3, 5], dtype=np.int64)
+    cand = np.array([[0, 1, 2, 3]], dtype=np.int64)
+    init = np.array([[0.9, 0.8, 0.7, 0.6]], dtype=np.float32)
+
+    ids, scores = region_rerank(q, cand, init, regions, offsets)  # max, alpha=1
+    # Region sims: image 3 -> 1.0, image 2 -> keeps 0.7, image 1 -> 1/sqrt(5) = 0.447, image 0 -> 0.
+    np.testing.assert_array_equal(ids, [[3, 2, 1, 0]])
+    np.testing.assert_allclose(scores, [[1.0, 0.7, 1 / np.sqrt(5), 0.0]], rtol=1e-6, atol=1e-7)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64
+    assert scores[0, 1] == np.float32(0.7)  # no regions: exactly the initial score
+
+    # mean of image 3's regions: (1.0 + <q, [0,0,1,1]/sqrt2> = 0) / 2 = 0.5; alpha=0.5 mixes with init.
+    ids, scores = region_rerank(q, cand, init, regions, offsets, mode="mean", alpha=0.5)
+    expected = {0: 0.5 * 0.0 + 0.5 * 0.9, 1: 0.5 * (0.5 / np.sqrt(5)) + 0.5 * 0.8, 2: 0.7, 3: 0.5 * 0.5 + 0.5 * 0.6}
+    order = sorted(expected, key=lambda c: -expected[c])
+    np.testing.assert_array_equal(ids[0], order)
+    np.testing.assert_allclose(scores[0], [expected[c] for c in order], rtol=1e-6)
+
+
+def test_ties_keep_initial_order_and_padding_stays_last():
+    q = np.array([[1.0, 0.0]], dtype=np.float32)
+    regions = np.array([[1.0, 1.0], [2.0, 2.0], [1.0, 1.0]], dtype=np.float32)
+    offsets = np.array([0, 1, 2, 3], dtype=np.int64)  # three images, identical region directions
+    cand = np.array([[2, -1, 0, 1]], dtype=np.int64)
+    init = np.array([[0.5, -3.4e38, 0.9, 0.8]], dtype=np.float32)
+    ids, scores = region_rerank(q, cand, init, regions, offsets)
+    np.testing.assert_array_equal(ids, [[2, 0, 1, -1]])
+    assert np.isneginf(scores[0, -1])
+
+
+@pytest.mark.parametrize("mode", ["max", "mean"])
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+@pytest.mark.parametrize("store_dtype", [np.float32, np.float16])
+def test_matches_loop_reference(mode, alpha, store_dtype, monkeypatch):
+    rng = np.random.default_rng(0)
+    n_db, d, n_q, n_c = 60, 16, 7, 12
+    counts = rng.integers(0, 5, n_db)  # includes images without regions
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    regions = rng.standard_normal((offsets[-1], d)).astype(store_dtype)
+    q = rng.standard_normal((n_q, d)).astype(np.float32)
+    cand = np.stack([rng.choice(n_db, n_c, replace=False) for _ in range(n_q)]).astype(np.int64)
+    cand[0, -2:] = -1  # faiss padding
+    init = -np.sort(-rng.uniform(-1, 1, (n_q, n_c)), axis=1).astype(np.float32)
+
+    ref_ids, ref_scores = _reference_rerank(q, cand, init, regions, offsets, mode, alpha)
+    ids, scores = region_rerank(q, cand, init, regions, offsets, mode=mode, alpha=alpha)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
+
+    # Force one query per gather block: same result as a single block.
+    monkeypatch.setattr(rerank_mod, "_GATHER_BUDGET_ELEMS", 1)
+    ids_b, scores_b = region_rerank(q, cand, init, regions, offsets, mode=mode, alpha=alpha)
+    np.testing.assert_array_equal(ids_b, ids)
+    np.testing.assert_array_equal(scores_b, scores)
+
+
+def test_rejects_bad_inputs():
+    q = np.ones((1, 2), np.float32)
+    regions = np.ones((1, 2), np.float32)
+    with pytest.raises(ValueError):
+        region_rerank(q, np.array([[0]]), np.array([[0.0]]), regions, np.array([0, 1]), mode="sum")
+    with pytest.raises(ValueError):
+        region_rerank(q, np.array([[0]]), np.array([[0.0]]), regions, np.array([0, 2]))  # offsets != R
+    with pytest.raises(ValueError):
+        region_rerank(q, np.array([[1]]), np.array([[0.0]]), regions, np.array([0, 1]))  # id >= N_db
+
+
+def _qe_data():
+    rng = np.random.default_rng(1)
+    db = rng.standard_normal((20, 8)).astype(np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q = rng.standard_normal((3, 8)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    scores = q @ db.T
+    ids = np.argsort(-scores, axis=1)[:, :6]
+    return q, db, ids, np.take_along_axis(scores, ids, axis=1)
+
+
+def test_average_query_expansion_formula():
+    q, db, ids, _ = _qe_data()
+    expected = q + db[ids[:, 0]] + db[ids[:, 1]] + db[ids[:, 2]]
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(average_query_expansion(q, db, ids, 3), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(average_query_expansion(q, db, ids, 0), q, rtol=1e-6)
+
+
+def test_alpha_query_expansion_formula():
+    q, db, ids, scores = _qe_data()
+    k, alpha = 4, 3.0
+    expected = q.astype(np.float64).copy()
+    for i in range(len(q)):
+        for j in range(k):
+            expected[i] += max(scores[i, j], 0.0) ** alpha * db[ids[i, j]]
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(alpha_query_expansion(q, db, ids, scores, k, alpha), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_query_expansion_ignores_padding():
+    q, db, ids, scores = _qe_data()
+    ids = ids.copy()
+    ids[:, 1] = -1
+    expected = q + db[ids[:, 0]]
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(average_query_expansion(q, db, ids, 2), expected, rtol=1e-5, atol=1e-6)
