@@ -12,8 +12,10 @@ import sys
 
 import _common  # noqa: F401  (puts the checkout on sys.path)
 
-from pipeline.config import SAMPLE_DATA, ExtractConfig, parse_args
+from pipeline.config import SAMPLE_DATA, ConfigError, ExtractConfig, parse_args, parse_storage_options
 from pipeline.distributed import init_ray, run_ray
+from pipeline.extract import preflight
+from pipeline.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,8 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, input=str(SAMPLE_DATA))
     _common.setup_logging()
     _common.log_config("extract", cfg)
-    init_ray()
-    manifest = run_ray(cfg)
+    try:
+        preflight(cfg, parse_storage_options(cfg.storage_options))  # unreachable input / unwritable output: before Ray
+        init_ray()
+        manifest = run_ray(cfg)
+    except (StorageError, ConfigError) as e:
+        print(f"jobs/extract.py: error: {e}", file=sys.stderr)
+        return 2
     run = manifest["run"]
     print(json.dumps({"output": cfg.output, **{k: run[k] for k in ("images", "ok", "errors", "statuses", "regions",
                                                                    "skipped_already_done", "deleted", "elapsed_s",

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,23 @@ class ConfigError(ValueError):
     """A config value or key is invalid."""
 
 
+def _check_choices(cfg: Any) -> None:
+    """Raise ConfigError for a field value outside the field's ``choices`` (also for configs built directly or with
+    dataclasses.replace, which bypass from_dict)."""
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ConfigError(f"{f.name}: {getattr(cfg, f.name)!r} is not one of {list(choices)}")
+
+
+def _check_finite(cfg: Any) -> None:
+    """Raise ConfigError for NaN or infinite float fields (argparse's float() accepts "nan" and "inf")."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{f.name}: expected a finite number, got {v!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What determines the model's output: hashed into every row it produces."""
@@ -49,6 +67,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for values outside their domain."""
+        _check_choices(self)
+        _check_finite(self)
         if self.regions < 1 or self.regions > 1000:
             raise ConfigError(f"regions must be in [1, 1000], got {self.regions}")
         if self.max_side < 32 or self.max_side > 4096:
@@ -87,6 +107,10 @@ class ExtractConfig(ModelConfig):
                 raise ConfigError(f"{name} must be >= 1")
         if self.num_actors < 0 or self.threads < 0 or self.actor_cpus < 0:
             raise ConfigError("num_actors, threads and actor_cpus must be >= 0")
+        if self.num_gpus < 0 and self.num_gpus != -1:
+            raise ConfigError(f"num_gpus must be -1 (auto) or >= 0, got {self.num_gpus}")
+        if self.max_pixels < 1:
+            raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
         parse_storage_options(self.storage_options)
 
     def model_config(self) -> ModelConfig:
@@ -110,6 +134,7 @@ class IndexConfig:
     storage_options: str = _opt("", "JSON of fsspec storage options (never logged)")
 
     def validate(self) -> None:
+        _check_finite(self)
         if not self.features or not self.output:
             raise ConfigError("--features and --output are required")
         if self.pca_dim < 1 or self.pca_sample < 1 or self.memory_budget_gb <= 0 or self.local_weight < 0:
@@ -131,6 +156,7 @@ class SearchConfig:
     storage_options: str = _opt("", "JSON of fsspec storage options (never logged)")
 
     def validate(self) -> None:
+        _check_choices(self)
         if not self.index or not self.image:
             raise ConfigError("--index and --image are required")
         if self.top_k < 1 or self.rerank < 0 or self.qe < 0:
@@ -214,7 +240,20 @@ def config_hash(cfg: Any) -> str:
 
 
 def _coerce(name: str, typ: Any, value: Any) -> Any:
-    """Convert and type-check one value for a dataclass field; strict: no silent truncation."""
+    """Convert and type-check one value for a dataclass field; strict: no silent truncation.
+
+    The value of a secret field never appears in an error message.
+    """
+    try:
+        return _coerce_value(name, typ, value)
+    except ConfigError:
+        if name in SECRET_FIELDS:
+            raise ConfigError(f"{name}: expected a JSON string (value not shown: it may hold credentials)") from None
+        raise
+
+
+def _coerce_value(name: str, typ: Any, value: Any) -> Any:
+    """_coerce without the redaction."""
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -232,9 +271,12 @@ def _coerce(name: str, typ: Any, value: Any) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         try:
-            return float(value)
+            out = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        if not math.isfinite(out):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        return out
     if typ is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
@@ -274,7 +316,8 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
 
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field (``--max-side``), help and choices from metadata."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
+    # allow_abbrev=False: a misspelt or shortened flag (--max-s, --shard) is an error, not a silent prefix match.
+    p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

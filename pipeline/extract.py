@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from pipeline import images as imgs
 from pipeline import storage
-from pipeline.config import ExtractConfig, ModelConfig, config_hash, parse_storage_options, public_dict
+from pipeline.config import ConfigError, ExtractConfig, ModelConfig, config_hash, parse_storage_options, public_dict
 from pipeline.schema import GLOBAL_KINDS, STATUS_OK, images_schema, regions_schema, to_table
 
 log = logging.getLogger(__name__)
@@ -255,16 +255,17 @@ def prepare_output(cfg: ExtractConfig, storage_options: dict[str, Any]) -> list[
 
     Raises:
         storage.StorageError: unreachable or unwritable output.
-        ValueError: the output holds features of another model config.
+        ConfigError: (a ValueError) the output holds features of another model config.
     """
     storage.check_writable(cfg.output, storage_options)
     model_hash = config_hash(cfg.model_config())
     cfg_url = storage.join(cfg.output, storage.CONFIG)
     fs, path = storage.url_to_fs(cfg_url, storage_options)
+    fs.invalidate_cache(path)  # s3fs listings cached in this process may predate another run's files
     if fs.exists(path):
         prev = storage.read_json(cfg_url, storage_options)
         if prev.get("model_hash") != model_hash:
-            raise ValueError(f"{cfg.output} holds features of another model config ({prev.get('model_hash')} != "
+            raise ConfigError(f"{cfg.output} holds features of another model config ({prev.get('model_hash')} != "
                              f"{model_hash}: {prev.get('model')}); write to a new --output")
     storage.write_json(cfg_url, {"config": public_dict(cfg), "model": public_dict(cfg.model_config()),
                                  "model_hash": model_hash}, storage_options)
@@ -295,6 +296,16 @@ def summarise(markers: Sequence[dict[str, Any]], elapsed: float) -> dict[str, An
             "stage_seconds_summed": {k: round(v, 3) for k, v in timing.items()}}
 
 
+def preflight(cfg: ExtractConfig, storage_options: dict[str, Any]) -> None:
+    """Cheap checks before anything starts (no listing, no Ray): the input exists and the output is writable.
+
+    Raises:
+        storage.StorageError: with a clear message.
+    """
+    storage.check_readable(cfg.input, storage_options)
+    storage.check_writable(cfg.output, storage_options)
+
+
 def run_local(cfg: ExtractConfig) -> dict[str, Any]:
     """Run an extraction in this process without Ray (the reference the Ray job is compared against).
 
@@ -306,8 +317,8 @@ def run_local(cfg: ExtractConfig) -> dict[str, Any]:
     """
     so = parse_storage_options(cfg.storage_options)
     t0 = time.perf_counter()
+    records = storage.list_images(cfg.input, so)  # fails fast on an unreachable input, before the output is touched
     markers = prepare_output(cfg, so)
-    records = storage.list_images(cfg.input, so)
     plan = plan_shards(records, markers, cfg.shard_size)
     worker = ShardWorker(cfg.model_config(), cfg.output, cfg.batch_size, cfg.float16, cfg.threads, so)
     done = [worker.run(decode_shard(s, cfg.max_side, cfg.max_pixels, so)) for s in plan.shards]

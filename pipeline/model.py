@@ -124,10 +124,11 @@ class RegionModel:
         H = max(im.shape[0] for im in images)
         W = max(im.shape[1] for im in images)
         H, W = math.ceil(H / s) * s, math.ceil(W / s) * s
-        batch = torch.zeros((len(images), H, W, 3), dtype=torch.uint8)
+        # Assemble in numpy: decoded arrays may be read-only views of Ray's object store.
+        batch = np.zeros((len(images), H, W, 3), dtype=np.uint8)
         for i, im in enumerate(images):
-            batch[i, : im.shape[0], : im.shape[1]] = torch.from_numpy(np.ascontiguousarray(im))
-        x = normalise(batch.to(self.device, non_blocking=True), self.backbone)
+            batch[i, : im.shape[0], : im.shape[1]] = im
+        x = normalise(torch.from_numpy(batch).to(self.device, non_blocking=True), self.backbone)
         x = x * _valid_mask(images, H, W, x.device)  # padding = 0 after normalisation (the dataset mean)
         fmap = self.backbone.features(x).float()
         t1 = time.perf_counter()

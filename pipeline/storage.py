@@ -70,9 +70,49 @@ def _fingerprint(info: dict[str, Any]) -> str:
     return f"{size}-{str(tag).strip(chr(34))}"
 
 
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local filesystem (the only one here whose folders must exist before a write)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "file" in protocols or "local" in protocols
+
+
+def _fresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Drop fsspec's cached listings of ``path`` (s3fs keeps a per-instance directory cache that never sees objects
+    written by other processes, e.g. Ray workers; a stale listing would hide done-markers)."""
+    try:
+        fs.invalidate_cache(path)
+    except Exception:  # noqa: BLE001 - a cache that cannot be dropped is not an error
+        pass
+
+
 def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A path on ``fs`` back to a URL that fsspec opens."""
     return fs.unstrip_protocol(path)
+
+
+def check_readable(input_url: str, storage_options: dict[str, Any] | None = None
+                   ) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Fail fast when an input location is unreachable or missing (one request, no listing).
+
+    Args:
+        input_url: directory/prefix or manifest URL.
+        storage_options: fsspec options.
+
+    Returns:
+        (filesystem, path) of the input.
+
+    Raises:
+        StorageError: with the reason, before any work starts.
+    """
+    try:
+        fs, root = url_to_fs(input_url, storage_options)
+        _fresh(fs, root)
+        exists = fs.exists(root)
+    except Exception as e:  # noqa: BLE001 - any backend error is "unreachable"
+        raise StorageError(f"cannot reach input {input_url}: {type(e).__name__}: {e}") from None
+    if not exists:
+        raise StorageError(f"input {input_url} does not exist")
+    return fs, root
 
 
 def list_images(input_url: str, storage_options: dict[str, Any] | None = None) -> list[ImageRecord]:
@@ -91,13 +131,7 @@ def list_images(input_url: str, storage_options: dict[str, Any] | None = None) -
     Raises:
         StorageError: when the input cannot be listed or holds duplicate ids.
     """
-    fs, root = url_to_fs(input_url, storage_options)
-    try:
-        exists = fs.exists(root)
-    except Exception as e:  # noqa: BLE001 - any backend error is "unreachable"
-        raise StorageError(f"cannot reach input {input_url}: {type(e).__name__}: {e}") from None
-    if not exists:
-        raise StorageError(f"input {input_url} does not exist")
+    fs, root = check_readable(input_url, storage_options)
     if fs.isfile(root) and root.lower().endswith((".parquet", ".csv")):
         records = _read_manifest(fs, root)
     else:
@@ -157,7 +191,8 @@ def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> N
     """
     try:
         fs, root = url_to_fs(url, storage_options)
-        fs.makedirs(root, exist_ok=True)
+        if _is_local(fs):
+            fs.makedirs(root, exist_ok=True)  # object stores have no folders; never create a missing bucket
         probe = posixpath.join(root, f"_probe-{uuid.uuid4().hex}")
         fs.pipe_file(probe, b"ok")
         fs.rm_file(probe)
@@ -175,7 +210,7 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
     """Write a whole object (creating parent folders on local filesystems)."""
     fs, path = url_to_fs(url, storage_options)
     parent = posixpath.dirname(path)
-    if parent:
+    if parent and _is_local(fs):
         fs.makedirs(parent, exist_ok=True)
     fs.pipe_file(path, data)
 
@@ -232,6 +267,7 @@ def read_done_markers(output: str, storage_options: dict[str, Any] | None = None
     """
     fs, root = url_to_fs(output, storage_options)
     done_dir = posixpath.join(root, DONE_DIR)
+    _fresh(fs, done_dir)
     if not fs.exists(done_dir):
         return []
     markers = []
@@ -289,6 +325,7 @@ def remove_orphans(output: str, markers: Sequence[dict[str, Any]], storage_optio
     removed = 0
     for sub in (IMAGES_DIR, REGIONS_DIR):
         d = posixpath.join(root, sub)
+        _fresh(fs, d)
         if not fs.exists(d):
             continue
         for p in fs.ls(d, detail=False):

@@ -73,3 +73,49 @@ def s3_bucket(s3_server: dict) -> str:
     )
     client.create_bucket(Bucket=name)
     return name
+
+
+SAMPLE = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "caltech8"
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An extraction (in-process, no Ray) of 24 embedded sample images (3 per class) with a small, fast model setting.
+
+    Returns:
+        {"images": the image folder (class folders + labels.csv), "features": its extraction output}.
+    """
+    import shutil
+
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import run_local
+
+    src = tmp_path_factory.mktemp("tiny_images")
+    rows = ["path,label"]
+    for cls in sorted(p for p in SAMPLE.iterdir() if p.is_dir()):
+        for f in sorted(cls.glob("*.jpg"))[:3]:
+            (src / cls.name).mkdir(exist_ok=True)
+            shutil.copy(f, src / cls.name / f.name)
+            rows.append(f"{cls.name}/{f.name},{cls.name}")
+    (src / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path_factory.mktemp("tiny_features")
+    run_local(ExtractConfig(input=str(src), output=str(out), max_side=128, regions=3, shard_size=10, batch_size=8))
+    return {"images": str(src), "features": str(out)}
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[str]:
+    """A local Ray instance for the whole session (2 CPUs, no dashboard), shut down at the end.
+
+    Yields:
+        Its GCS address, e.g. for ``RAY_ADDRESS`` of a subprocess that should join it instead of starting its own.
+    """
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        if started:
+            ray.shutdown()

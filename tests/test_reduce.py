@@ -1,0 +1,71 @@
+"""Tests of the reduce stage (pipeline/reduce.py): index artifacts from an extraction, streamed, through fsspec."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from pipeline import reduce as rd
+from pipeline import storage
+from pipeline.config import IndexConfig
+from pipeline.fusion import PCA, fuse, l2n
+from pipeline.index import load_index
+from pipeline.schema import column_to_numpy
+
+
+def _build(features: str, out: str, **kw) -> dict:
+    return rd.build(IndexConfig(features=features, output=out, pca_dim=16, **kw))
+
+
+def test_index_matches_numpy_reference(tiny_features, tmp_path):
+    out = str(tmp_path / "index")
+    marker = _build(tiny_features["features"], out)
+    t = storage.read_live_table(tiny_features["features"], "images")
+    t = t.filter(pc.equal(t.column("status"), "ok"))
+    assert marker["images"] == t.num_rows == 24
+    ids = storage.read_parquet(storage.join(out, rd.IDS)).column("image_id").to_pylist()
+    assert ids == sorted(ids) == t.column("image_id").to_pylist()
+    # The fused index holds PCA(concat(L2 global, L2 local)) + L2 of every image, in id-map order.
+    pca = PCA.load(storage.join(out, rd.PCA_FUSED))
+    ref = pca.transform(fuse(column_to_numpy(t, "global"), column_to_numpy(t, "local"), 1.0))
+    index = load_index(storage.join(out, rd.INDEX_FUSED))
+    got = np.stack([index.reconstruct(i) for i in range(index.ntotal)])
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    # Exact search equals brute force.
+    scores, found = index.search(ref[:5], 5)
+    brute = np.argsort(-(ref[:5] @ ref.T), axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(found[:, 0], brute[:, 0])
+    np.testing.assert_allclose(scores, np.take_along_axis(ref[:5] @ ref.T, brute, 1), atol=1e-5)
+
+
+def test_region_store_follows_id_map(tiny_features, tmp_path):
+    out = str(tmp_path / "index")
+    _build(tiny_features["features"], out)
+    ids = storage.read_parquet(storage.join(out, rd.IDS)).column("image_id").to_pylist()
+    regions = rd.load_npy(storage.join(out, rd.REGIONS))
+    offsets = rd.load_npy(storage.join(out, rd.OFFSETS))
+    assert offsets[0] == 0 and offsets[-1] == len(regions) and len(offsets) == len(ids) + 1
+    r = storage.read_live_table(tiny_features["features"], "regions")
+    for row in (0, 7, len(ids) - 1):
+        mine = r.filter(pc.equal(r.column("image_id"), ids[row])).sort_by("rank")
+        ref = l2n(column_to_numpy(mine, "descriptor"))
+        np.testing.assert_allclose(regions[offsets[row]:offsets[row + 1]].astype(np.float32), ref, atol=2e-3)
+
+
+def test_done_marker_written_last_and_s3_round_trip(tiny_features, s3_server, s3_bucket):
+    import json
+
+    out = f"s3://{s3_bucket}/index/run1"
+    marker = _build(tiny_features["features"], out, storage_options=json.dumps(s3_server))
+    fs, path = storage.url_to_fs(out, s3_server)
+    files = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    assert {rd.PCA_FUSED, rd.PCA_CROW, rd.INDEX_FUSED, rd.INDEX_CROW, rd.IDS, rd.REGIONS, rd.OFFSETS, rd.DONE} <= files
+    done_mtime = fs.info(f"{path}/{rd.DONE}")["LastModified"]
+    assert all(fs.info(f"{path}/{f}")["LastModified"] <= done_mtime for f in files)
+    assert load_index(f"{out}/{rd.INDEX_FUSED}", s3_server).ntotal == marker["images"]
+
+
+def test_missing_features_fail_clearly(tmp_path):
+    with pytest.raises(storage.StorageError, match="no successfully extracted images"):
+        _build(str(tmp_path / "nothing"), str(tmp_path / "index"))
