@@ -61,7 +61,7 @@ def extract_dataset(cfg: BenchmarkConfig, out: str, so: dict[str, Any]) -> str:
 
 
 def load_corpus(features: str, root: str, paths: list[str], labels: np.ndarray | None,
-                so: dict[str, Any]) -> Corpus:
+                so: dict[str, Any], regions: int | None = None) -> Corpus:
     """Read an extraction and align it with the dataset's paths (ids are paths relative to the dataset root).
 
     Args:
@@ -70,6 +70,8 @@ def load_corpus(features: str, root: str, paths: list[str], labels: np.ndarray |
         paths: dataset paths, relative to root.
         labels: label per path, or None.
         so: storage options.
+        regions: use only each image's top-K stored regions, and recompute the local feature from them (eq. 1-2),
+            so one extraction with many regions measures every smaller K. None = all stored regions.
 
     Returns:
         The corpus, restricted to images with an ok row (the others are listed in ``missing``).
@@ -83,7 +85,17 @@ def load_corpus(features: str, root: str, paths: list[str], labels: np.ndarray |
     vectors = {m: column_to_numpy(t, m)[take] for m in (*DESCRIPTOR_METHODS, "local")}
     r = storage.read_live_table(features, "regions", so, ["rank", "descriptor"])
     kept_paths = [paths[k] for k in keep]
+    if regions is not None:
+        r = r.filter(pc.less(r.column("rank"), regions))
     counts, desc = regions_in_order(r, kept_paths)
+    if regions is not None:
+        # Paper eq. (1)-(2) over the kept regions: f = sum_k r_k, then f / ||f||_1.
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        sums = np.zeros((len(counts), desc.shape[1]), np.float64)
+        nz = counts > 0
+        if nz.any():
+            sums[nz] = np.add.reduceat(desc.astype(np.float64), starts[nz], axis=0)
+        vectors["local"] = (sums / np.maximum(np.abs(sums).sum(1, keepdims=True), 1e-12)).astype(np.float32)
     offsets = np.zeros(len(kept_paths) + 1, np.int64)
     offsets[1:] = np.cumsum(counts)
     return Corpus(root, kept_paths, None if labels is None else labels[keep], vectors, l2n(desc), offsets, missing)
@@ -179,7 +191,7 @@ def run(cfg: BenchmarkConfig) -> dict[str, Any]:
     # 2. Features.
     features = cfg.features or extract_dataset(cfg, storage.join(cfg.report, "features"), so)
     timings["extract_s"] = time.perf_counter() - t0
-    c = load_corpus(features, root, paths, labels, so)
+    c = load_corpus(features, root, paths, labels, so, regions=cfg.regions)
     if c.missing:
         log.warning("%d dataset images have no ok extraction row (decode errors?): %s", len(c.missing), c.missing[:5])
     row_of = {p: i for i, p in enumerate(c.paths)}

@@ -76,31 +76,35 @@ def run_ray(cfg: ExtractConfig, progress_every_s: float = 10.0) -> dict[str, Any
         inflight: dict[Any, tuple[Any, int, int]] = {}
         load = [0] * n_actors
         last = time.perf_counter()
-        while queue or inflight:
-            while queue and len(inflight) < n_actors * cfg.prefetch:
-                shard, attempt = queue.popleft()
-                a = min(range(n_actors), key=load.__getitem__)
-                ref = actors[a].run.remote(decode.remote(shard, cfg.max_side, cfg.max_pixels, so))
-                inflight[ref] = (shard, a, attempt)
-                load[a] += 1
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress_every_s)
-            for ref in ready:
-                shard, a, attempt = inflight.pop(ref)
-                load[a] -= 1
-                try:
-                    done.append(ray.get(ref))
-                except ray.exceptions.RayError as e:
-                    if attempt >= SHARD_ATTEMPTS:
-                        raise RuntimeError(f"shard {shard.shard_id} failed {attempt} times; rerun the same command "
-                                           f"to resume: {e}") from e
-                    log.warning("shard %s failed (attempt %d), resubmitting: %s", shard.shard_id, attempt,
-                                str(e).splitlines()[0])
-                    queue.append((shard, attempt + 1))
-            if time.perf_counter() - last >= progress_every_s or not (queue or inflight):
-                s = summarise(done, time.perf_counter() - t0)
-                log.info("progress: %d/%d shards, %d/%d images, %.1f images/s, %d errors", len(done), len(plan.shards),
-                         s["images"], total_images, s["images_per_s"] or 0.0, s["errors"])
-                last = time.perf_counter()
-        for actor in actors:
-            ray.kill(actor)
+        try:
+            while queue or inflight:
+                while queue and len(inflight) < n_actors * cfg.prefetch:
+                    shard, attempt = queue.popleft()
+                    a = min(range(n_actors), key=load.__getitem__)
+                    ref = actors[a].run.remote(decode.remote(shard, cfg.max_side, cfg.max_pixels, so))
+                    inflight[ref] = (shard, a, attempt)
+                    load[a] += 1
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress_every_s)
+                for ref in ready:
+                    shard, a, attempt = inflight.pop(ref)
+                    load[a] -= 1
+                    try:
+                        done.append(ray.get(ref))
+                    except ray.exceptions.RayError as e:
+                        if attempt >= SHARD_ATTEMPTS:
+                            raise RuntimeError(f"shard {shard.shard_id} failed {attempt} times; rerun the same "
+                                               f"command to resume: {e}") from e
+                        log.warning("shard %s failed (attempt %d), resubmitting: %s", shard.shard_id, attempt,
+                                    str(e).splitlines()[0])
+                        queue.append((shard, attempt + 1))
+                if time.perf_counter() - last >= progress_every_s or not (queue or inflight):
+                    s = summarise(done, time.perf_counter() - t0)
+                    log.info("progress: %d/%d shards, %d/%d images, %.1f images/s, %d errors", len(done),
+                             len(plan.shards), s["images"], total_images, s["images_per_s"] or 0.0, s["errors"])
+                    last = time.perf_counter()
+        finally:
+            # Also when the run fails: restartable actors would otherwise outlive it, holding their CPUs/GPUs, and a
+            # later run on the same cluster could wait forever for those resources.
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
     return finish(cfg, plan, done, time.perf_counter() - t0, so)

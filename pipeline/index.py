@@ -128,6 +128,30 @@ def add_chunks(index: faiss.Index, chunks: Iterable[np.ndarray]) -> int:
     return added
 
 
+def new_index(d: int, factory: str) -> faiss.Index:
+    """Create an empty inner-product index from a factory string, configured for this pipeline.
+
+    Use this rather than ``faiss.index_factory`` directly when training an index yourself (e.g. when
+    streaming): it turns off PQ polysemous training, which faiss enables by default, costs ~40 s per
+    PQ on 2 cores whatever the corpus size, and only serves Hamming-filtered search
+    (``polysemous_ht``), which this pipeline does not use.
+
+    Args:
+        d: vector dimension.
+        factory: :func:`faiss.index_factory` string.
+
+    Returns:
+        The untrained (if it needs training), empty index with ``METRIC_INNER_PRODUCT``.
+    """
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.try_extract_index_ivf(index)
+    # try_extract_index_ivf returns the IndexIVF base class: downcast to see the PQ variant.
+    for sub in (faiss.downcast_index(index), faiss.downcast_index(ivf) if ivf is not None else None):
+        if isinstance(sub, (faiss.IndexPQ, faiss.IndexIVFPQ)):
+            sub.do_polysemous_training = False
+    return index
+
+
 def build_index(
     x: np.ndarray,
     factory: str,
@@ -151,14 +175,8 @@ def build_index(
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D array of row vectors, got shape {x.shape}")
     n, d = x.shape
-    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    index = new_index(d, factory)
     ivf = faiss.try_extract_index_ivf(index)
-    # try_extract_index_ivf returns the IndexIVF base class: downcast to see the PQ variant.
-    for sub in (faiss.downcast_index(index), faiss.downcast_index(ivf) if ivf is not None else None):
-        if isinstance(sub, (faiss.IndexPQ, faiss.IndexIVFPQ)):
-            # Polysemous training (on by default) costs ~40 s per PQ on 2 cores whatever N is, and
-            # only serves Hamming-filtered search (polysemous_ht), which this pipeline does not use.
-            sub.do_polysemous_training = False
     if not index.is_trained:
         size = min(n, train_sample)
         if ivf is not None:

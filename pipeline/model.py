@@ -33,7 +33,9 @@ def load_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> 
         storage_options: fsspec options.
 
     Returns:
-        The checkpoint dict (``format``, ``backbone``, ``rpn`` state dict, ``rpn_args``, optional ``projection``).
+        The checkpoint dict (``format``, ``backbone``, ``rpn`` state dict, ``rpn_args``, ``projection_dim``, optional
+        ``projection``, ``backbone_state``, ``head_state`` (VGG16 fc6/fc7), ``region_pool``, ``max_side``; a checkpoint
+        from pipeline/train.py also holds its caption head: ``caption``, ``caption_args``, ``vocab``).
     """
     with fsspec.open(url, "rb", **(storage_options or {})) as f:
         ckpt = torch.load(f, map_location="cpu", weights_only=True)
@@ -74,7 +76,17 @@ class RegionModel:
                 raise ValueError(f"checkpoint was trained on {ckpt['backbone']}, not {config.backbone}")
             if "backbone_state" in ckpt:
                 self.backbone.features.load_state_dict(ckpt["backbone_state"])
+            if "head_state" in ckpt and self.backbone.head is not None:
+                self.backbone.head.load_state_dict(ckpt["head_state"])  # fc6/fc7, fine-tuned with the RPN (VGG16)
             projection_dim = int(ckpt.get("projection_dim", 0))
+            # The projection was trained on RoI features pooled one way: another pooling would feed it other inputs.
+            trained_pool = ckpt.get("region_pool")
+            if projection_dim and self.backbone.head is None and trained_pool and trained_pool != config.region_pool:
+                raise ValueError(f"the checkpoint's projection was trained on {trained_pool!r}-pooled regions; "
+                                 f"use --region-pool {trained_pool}, not {config.region_pool!r}")
+            if "max_side" in ckpt and int(ckpt["max_side"]) != config.max_side:
+                log.warning("checkpoint was trained at max_side %d, extracting at %d (RPN anchors are in pixels)",
+                            int(ckpt["max_side"]), config.max_side)
         self.recognition = RegionDescriber(self.backbone, pool=config.region_pool, projection_dim=projection_dim)
         if config.proposer == "rpn":
             assert ckpt is not None  # validated by the config

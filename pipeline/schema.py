@@ -93,6 +93,9 @@ def vectors_to_arrow(vals: object, typ: pa.FixedSizeListType) -> pa.Array:
     d = typ.list_size
     np_dtype = np.float16 if typ.value_type == pa.float16() else np.float32
     if isinstance(vals, np.ndarray):
+        # Strict shape: reshape(-1, d) alone would silently turn (2, 6) into three rows of 4.
+        if not (vals.ndim == 2 and vals.shape[1] == d) and vals.size != 0:
+            raise ValueError(f"expected vectors of shape (n, {d}), got {vals.shape}")
         mat = np.ascontiguousarray(vals, dtype=np_dtype).reshape(-1, d)
         return pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), d)
     items = list(vals)  # type: ignore[arg-type]
@@ -100,6 +103,8 @@ def vectors_to_arrow(vals: object, typ: pa.FixedSizeListType) -> pa.Array:
     mat = np.zeros((len(items), d), dtype=np_dtype)
     for i, v in enumerate(items):
         if v is not None:
+            if np.shape(v) != (d,):  # no silent broadcasting of a scalar or a length-1 vector
+                raise ValueError(f"expected a vector of length {d}, got shape {np.shape(v)}")
             mat[i] = v
     arr = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), d, mask=pa.array(mask) if mask.any() else None)
     return arr

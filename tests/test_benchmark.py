@@ -63,3 +63,19 @@ def _paths_labels(root: str):
 def test_unknown_method_is_an_error(tiny_features, tmp_path):
     with pytest.raises(ValueError, match="unknown methods"):
         bm.run(_cfg(tiny_features, str(tmp_path), protocol="labels", methods="global,nope"))
+
+
+def test_top_k_regions_recompute_local_feature(tiny_features):
+    paths, labels = _paths_labels(tiny_features["images"])
+    full = bm.load_corpus(tiny_features["features"], tiny_features["images"], paths, labels, {})
+    same = bm.load_corpus(tiny_features["features"], tiny_features["images"], paths, labels, {}, regions=3)
+    # All 3 stored regions: the recomputed eq. (1)-(2) equals the stored local feature.
+    np.testing.assert_allclose(same.vectors["local"], full.vectors["local"], atol=1e-6)
+    one = bm.load_corpus(tiny_features["features"], tiny_features["images"], paths, labels, {}, regions=1)
+    assert np.all(np.diff(one.offsets) <= 1)
+    # One region: the local feature is that region's descriptor, L1-normalised; its direction is the stored region's.
+    i = 5
+    r = one.region_desc[one.offsets[i]]
+    loc = one.vectors["local"][i]
+    assert abs(loc.sum() - 1) < 1e-5
+    np.testing.assert_allclose(loc / np.linalg.norm(loc), r, atol=1e-5)

@@ -12,6 +12,7 @@ from pipeline.index import (
     build_index,
     choose_factory,
     load_index,
+    new_index,
     save_index,
     search,
     set_search_params,
@@ -104,6 +105,15 @@ def test_ivfpq_builds_and_searches():
     set_search_params(index, nprobe=8)
     scores, ids = search(index, q, 10)
     assert ids.min() >= 0 and np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+@pytest.mark.parametrize("factory", ["PQ8", "IVF16,PQ8", "IVF16,PQ8,RFlat", "OPQ8,IVF16,PQ8"])
+def test_new_index_turns_off_polysemous_training(factory):
+    index = new_index(64, factory)
+    assert index.metric_type == faiss.METRIC_INNER_PRODUCT
+    ivf = faiss.try_extract_index_ivf(index)
+    pq = faiss.downcast_index(ivf) if ivf is not None else faiss.downcast_index(index)
+    assert not pq.do_polysemous_training
 
 
 def test_set_search_params_skips_missing_and_sets_hnsw():

@@ -1,0 +1,187 @@
+"""The region model on real images: output keys and shapes, boxes in original pixels, the sum-pool + L1 invariant
+(paper eq. 1-2), descriptors against a separate per-image computation, and batch consistency."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import roi_align
+
+from pipeline import descriptors as D
+from pipeline.backbones import WeightsUnavailable, normalise
+from pipeline.config import SAMPLE_DATA, ModelConfig
+from pipeline.images import Decoded, decode_image
+from pipeline.model import RegionModel
+from pipeline.recognition import pool_roi
+
+VECTOR_KEYS = ("global", "spoc", "mac", "rmac", "gem", "crow", "local")
+KEYS = set(VECTOR_KEYS) | {"boxes", "scores", "regions"}
+
+
+def _sample_paths() -> tuple[list[Path], list[Path]]:
+    """Four sample images of one size (the commonest), and two more of two other sizes."""
+    by_size: dict[tuple[int, int], list[Path]] = defaultdict(list)
+    for p in sorted(SAMPLE_DATA.glob("*/*.jpg")):
+        with Image.open(p) as im:
+            by_size[im.size].append(p)
+    sizes = sorted(by_size, key=lambda s: (-len(by_size[s]), s))
+    same = by_size[sizes[0]][:4]
+    other = [by_size[s][0] for s in sizes[1:3]]
+    return same, other
+
+
+def decode(paths: list[Path], max_side: int) -> list[Decoded]:
+    out = [decode_image(p.read_bytes(), max_side=max_side) for p in paths]
+    assert all(d.ok for d in out)
+    return out
+
+
+def run(model: RegionModel, decoded: list[Decoded]) -> list[dict[str, np.ndarray]]:
+    return model([d.array for d in decoded], [(d.width, d.height) for d in decoded])
+
+
+@pytest.fixture(scope="module")
+def model() -> RegionModel:
+    return RegionModel(ModelConfig(), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images(model: RegionModel) -> dict[str, list[Decoded]]:
+    same, other = _sample_paths()
+    assert len(same) == 4 and len(other) == 2, "the embedded sample has images of at least three sizes"
+    return {"same": decode(same, model.config.max_side), "other": decode(other, model.config.max_side)}
+
+
+@pytest.fixture(scope="module")
+def mixed(model: RegionModel, images) -> tuple[list[Decoded], list[dict[str, np.ndarray]]]:
+    """One batch of images of three different sizes, and the model's outputs for it."""
+    batch = images["same"][:1] + images["other"]
+    assert len({d.array.shape for d in batch}) == 3
+    return batch, run(model, batch)
+
+
+def test_random_weights_must_be_explicit(tmp_path, monkeypatch) -> None:
+    assert ModelConfig().random_weights is False
+    # With no cached weights and no network, building fails loudly instead of falling back to random weights.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(WeightsUnavailable):
+        RegionModel(ModelConfig(backbone="resnet50"), device="cpu")
+
+
+def test_outputs_keys_and_shapes(model: RegionModel, mixed) -> None:
+    batch, outs = mixed
+    assert len(outs) == len(batch)
+    c, k = model.backbone.channels, model.config.regions
+    dims = model.dims
+    assert dims["global"] == dims["local"] == c == 1280
+    for out in outs:
+        assert set(out) == KEYS
+        for key in VECTOR_KEYS:
+            assert out[key].shape == (dims[key],) and out[key].dtype == np.float32, key
+            assert np.isfinite(out[key]).all(), key
+        n = len(out["boxes"])
+        assert 1 <= n <= k
+        assert out["boxes"].shape == (n, 4) and out["scores"].shape == (n,) and out["regions"].shape == (n, dims["local"])
+        assert {out[x].dtype for x in ("boxes", "scores", "regions")} == {np.dtype(np.float32)}
+        assert (out["regions"] >= 0).all()
+
+
+def test_boxes_in_original_pixels_and_scores_descending(mixed) -> None:
+    batch, outs = mixed
+    for d, out in zip(batch, outs):
+        b = out["boxes"]
+        assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all()
+        assert (b[:, 2] <= d.width).all() and (b[:, 3] <= d.height).all(), (b, d.width, d.height)
+        assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+        assert (np.diff(out["scores"]) <= 0).all()
+        # Boxes are in ORIGINAL pixels: some box reaches beyond the resized image's extent when the model upscaled.
+        assert b.max() <= max(d.width, d.height)
+
+
+def test_local_is_l1_normalised_sum_of_regions(mixed, images, model) -> None:
+    _, outs = mixed
+    for out in outs + run(model, images["same"][1:2]):
+        s = out["regions"].astype(np.float64).sum(0)
+        np.testing.assert_allclose(out["local"], s / np.abs(s).sum(), atol=1e-6, rtol=0)
+        assert abs(np.abs(out["local"]).sum() - 1) < 1e-5
+
+
+def _alone(model: RegionModel, image: np.ndarray, H: int, W: int) -> torch.Tensor:
+    """The image's valid feature map, computed on its own in an H x W padded canvas (zero = the mean after
+    normalisation), independently of the model's batching code."""
+    h, w = image.shape[:2]
+    x = normalise(torch.from_numpy(image)[None], model.backbone)
+    canvas = torch.zeros(1, 3, H, W)
+    canvas[:, :, :h, :w] = x
+    with torch.inference_mode():
+        fmap = model.backbone.features(canvas)[0].float()
+    s = model.backbone.stride
+    return fmap[:, : math.ceil(h / s), : math.ceil(w / s)]
+
+
+def test_descriptors_equal_a_separate_per_image_computation(model: RegionModel, mixed) -> None:
+    batch, outs = mixed
+    s = model.backbone.stride
+    H = math.ceil(max(d.array.shape[0] for d in batch) / s) * s
+    W = math.ceil(max(d.array.shape[1] for d in batch) / s) * s
+    for d, out in zip(batch, outs):
+        fm = _alone(model, d.array, H, W)
+        want = {"global": D.spoc(fm), "spoc": D.spoc(fm), "mac": D.mac(fm), "rmac": D.rmac(fm), "gem": D.gem(fm),
+                "crow": D.crow(fm)}
+        for key, v in want.items():
+            if key == "crow":
+                # CroW's channel weight counts exactly-zero activations, so float noise between the batched and the
+                # separate forward pass (an activation at 0 vs 1e-7) moves single channels by up to about 1%.
+                rel = np.linalg.norm(out[key] - v.numpy()) / np.linalg.norm(v.numpy())
+                assert rel < 1e-3, rel
+                continue
+            np.testing.assert_allclose(out[key], v.numpy(), rtol=1e-4, atol=1e-5 * float(v.abs().max()), err_msg=key)
+        # Region descriptors: GeM of bilinear RoI samples of this map, boxes mapped back to the resized image.
+        h, w = d.array.shape[:2]
+        boxes = torch.from_numpy(out["boxes"]) * torch.tensor([w / d.width, h / d.height] * 2)
+        x = roi_align(fm[None], [boxes], output_size=7, spatial_scale=1 / s, sampling_ratio=2, aligned=True)
+        np.testing.assert_allclose(out["regions"], pool_roi(x, "gem").numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_batch_equals_one_by_one_for_same_size_images(model: RegionModel, images) -> None:
+    same = images["same"]
+    assert len({d.array.shape for d in same}) == 1
+    batched = run(model, same)
+    for d, b in zip(same, batched):
+        [alone] = run(model, [d])
+        assert set(alone) == set(b)
+        for key in alone:
+            np.testing.assert_allclose(b[key], alone[key], rtol=1e-4, atol=1e-4, err_msg=key)
+
+
+def test_empty_batch_and_tiny_image(model: RegionModel) -> None:
+    assert model([], []) == []
+    rng = np.random.default_rng(0)
+    tiny = rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)  # smaller than one stride cell in height
+    [out] = model([tiny], [(80, 40)])
+    assert set(out) == KEYS and len(out["boxes"]) >= 1
+    assert (out["boxes"][:, 2] <= 80).all() and (out["boxes"][:, 3] <= 40).all()
+    assert np.isfinite(out["global"]).all()
+
+
+def test_vgg16_random_weights_gives_4096_d_descriptors() -> None:
+    cfg = ModelConfig(backbone="vgg16", random_weights=True, max_side=128, regions=3)
+    vgg = RegionModel(cfg, device="cpu")
+    assert vgg.dims["global"] == vgg.dims["local"] == vgg.region_dim == 4096 and vgg.dims["spoc"] == 512
+    same, other = _sample_paths()
+    decoded = decode(same[:1] + other[:1], cfg.max_side)
+    for d, out in zip(decoded, run(vgg, decoded)):
+        n = len(out["boxes"])
+        assert out["global"].shape == (4096,) and out["local"].shape == (4096,)
+        assert out["regions"].shape == (n, 4096) and 1 <= n <= 3
+        assert out["spoc"].shape == (512,)
+        assert (out["boxes"][:, 2] <= d.width).all() and (out["boxes"][:, 3] <= d.height).all()
+        s = out["regions"].astype(np.float64).sum(0)
+        np.testing.assert_allclose(out["local"], s / max(np.abs(s).sum(), 1e-12), atol=1e-6, rtol=0)
