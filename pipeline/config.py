@@ -16,7 +16,7 @@ from typing import Any, Sequence, TypeVar
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO_ROOT / "data" / "caltech8"
 
-BACKBONES = ("mobilenet_v2", "vgg16", "resnet50", "efficientnet_lite0")
+BACKBONES = ("mobilenet_v2", "vgg16", "resnet50")
 PROPOSERS = ("activation", "rpn")
 REGION_POOLS = ("gem", "mac", "spoc")
 PROTOCOLS = ("category", "oxford", "revisited", "labels")
@@ -61,6 +61,7 @@ class ModelConfig:
     proposer: str = _opt("activation", "region proposer: training-free activation regions, or a trained RPN", choices=PROPOSERS)
     regions: int = _opt(6, "top-K regions kept per image")
     max_side: int = _opt(448, "longer image side fed to the CNN, in pixels (aspect kept)")
+    nms_iou: float = _opt(0.5, "NMS IoU threshold between the activation proposer's candidate regions")
     region_pool: str = _opt("gem", "pooling of RoI features into a region descriptor (non-VGG backbones)", choices=REGION_POOLS)
     checkpoint: str = _opt("", "URL of a trained region-model checkpoint (required for --proposer rpn)")
     random_weights: bool = _opt(False, "use random backbone weights (tests only; never the default)")
@@ -73,6 +74,8 @@ class ModelConfig:
             raise ConfigError(f"regions must be in [1, 1000], got {self.regions}")
         if self.max_side < 32 or self.max_side > 4096:
             raise ConfigError(f"max_side must be in [32, 4096], got {self.max_side}")
+        if not 0.0 < self.nms_iou <= 1.0:
+            raise ConfigError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
         if self.proposer == "rpn" and not self.checkpoint:
             raise ConfigError("--proposer rpn needs --checkpoint URL of a trained region model")
 

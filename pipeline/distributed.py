@@ -14,7 +14,7 @@ from pipeline.extract import ShardWorker, decode_shard, finish, plan_shards, pre
 
 log = logging.getLogger(__name__)
 
-SHARD_ATTEMPTS = 3  # a shard whose actor died is resubmitted this many times before the job fails
+SHARD_ATTEMPTS = 3  # runs of a shard whose actor died (Ray retries) or that raised (resubmitted) before the job fails
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -66,8 +66,12 @@ def run_ray(cfg: ExtractConfig, progress_every_s: float = 10.0) -> dict[str, Any
         n_actors = cfg.num_actors or (max(1, int(gpus // num_gpus)) if num_gpus > 0 else 1)
         n_actors = max(1, min(n_actors, len(plan.shards)))
         log.info("%d model actor(s), %.2g GPU and %.2g CPU each", n_actors, num_gpus, cfg.actor_cpus)
+        # max_task_retries > 0: a call whose actor process died is retried by Ray on the restarted actor. With 0, the
+        # resubmitted shard reached the actor while it was still restarting and failed at once (ActorUnavailableError),
+        # so one crash used up every attempt within a second and failed the job. Shards are idempotent (same shard
+        # id, files overwritten, marker last), so re-running one is safe.
         actor_cls = ray.remote(num_cpus=cfg.actor_cpus, num_gpus=num_gpus, max_restarts=-1,
-                               max_task_retries=0)(ShardWorker)
+                               max_task_retries=max(0, SHARD_ATTEMPTS - 1))(ShardWorker)
         actors = [actor_cls.remote(model_config=cfg.model_config(), output=cfg.output, batch_size=cfg.batch_size,
                                    float16=cfg.float16, threads=cfg.threads, storage_options=so)
                   for _ in range(n_actors)]

@@ -251,8 +251,8 @@ def load_index(url: str, storage_options: dict | None = None) -> faiss.Index:
     """
     with fsspec.open(url, "rb", **(storage_options or {})) as f:
         data = f.read()
-    # A writable copy: the SWIG wrapper wants a plain uint8 array, not a read-only bytes view.
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8).copy())
+    # A zero-copy uint8 view of the bytes: deserialize_index only reads it.
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -155,7 +155,7 @@ class RegionModel:
             fm = fmap[i, :, :hc, :wc]
             crops.append(fm)
             if self.rpn is None:
-                cells, sc = activation_proposals(fm, K)
+                cells, sc = activation_proposals(fm, K, nms_iou=self.config.nms_iou)
                 b = cells * s
                 b[:, 0::2] = b[:, 0::2].clamp(0, w)
                 b[:, 1::2] = b[:, 1::2].clamp(0, h)

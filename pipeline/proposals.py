@@ -50,7 +50,7 @@ def activation_candidates(act: np.ndarray, thresholds: Sequence[float], grid_lev
 
 
 def activation_proposals(fmap: torch.Tensor, k: int, thresholds: Sequence[float] = (0.2, 0.35, 0.5, 0.7),
-                         grid_levels: int = 3, nms_iou: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+                         grid_levels: int = 3, nms_iou: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Training-free significant regions from any ImageNet backbone's feature map.
 
     Each candidate (see ``activation_candidates``) is scored by the geometric mean of its *coverage* (share of the

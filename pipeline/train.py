@@ -75,6 +75,7 @@ class TrainConfig:
     max_words: int = _opt(15, "phrases with more words are dropped (DenseCap: 15)")
     anchor_sizes: str = _opt("48,96,192,384", "RPN anchor side lengths in pixels, comma-separated")
     aspect_ratios: str = _opt("0.5,1,2", "RPN anchor aspect ratios (height / width), comma-separated")
+    rpn_channels: int = _opt(256, "channels of the RPN's shared 3x3 conv")
     rpn_batch: int = _opt(256, "anchors sampled per image for the RPN losses (at most half positive)")
     pos_iou: float = _opt(0.7, "anchors with IoU >= this to a ground-truth box are positive")
     neg_iou: float = _opt(0.3, "anchors with IoU < this to every ground-truth box are negative")
@@ -102,7 +103,7 @@ class TrainConfig:
         _check_finite(self)
         if not self.data or not self.output:
             raise ConfigError("--data and --output are required")
-        for name in ("epochs", "batch_size", "workers", "projection_dim", "rpn_batch", "caption_regions", "embed_dim",
+        for name in ("epochs", "batch_size", "workers", "projection_dim", "rpn_batch", "caption_regions", "embed_dim", "rpn_channels",
                      "lstm_dim", "eval_top_k", "min_word_count", "max_words", "log_every", "max_val_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -540,7 +541,7 @@ class DenseCapModel(nn.Module):
         self.freeze_backbone = cfg.freeze_backbone
         for p in self.features.parameters():
             p.requires_grad_(not cfg.freeze_backbone)
-        self.rpn_args = {**cfg.anchors(), "mid_channels": 256}
+        self.rpn_args = {**cfg.anchors(), "mid_channels": cfg.rpn_channels}
         self.rpn = RPN(self.bb.channels, self.bb.stride, **self.rpn_args)
         self.recognition = RegionDescriber(self.bb, pool=cfg.region_pool, projection_dim=cfg.projection_dim)
         self.projection_dim = self.recognition.projection.out_features if self.recognition.projection is not None else 0
@@ -870,7 +871,7 @@ def train_worker(cfg: TrainConfig, train: RegionData, val: RegionData, vocab: Se
             images += len(batch)
             if out is not None:
                 for k in sums:
-                    sums[k] += float(out[k])
+                    sums[k] += float(out[k].detach())
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()

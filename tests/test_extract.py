@@ -500,52 +500,14 @@ def _ray_session_logs() -> str:
 
 
 @pytest.mark.slow
-def test_run_ray_on_a_local_dir_matches_the_model(ray_local, corpus: Path, tmp_path: Path, model, caplog):
-    from pipeline.distributed import run_ray
-
-    out = tmp_path / "out"
-    caplog.set_level(logging.INFO, logger="pipeline")
-    manifest = run_ray(_cfg(corpus, out), progress_every_s=0.5)
-    run = manifest["run"]
-    assert SUMMARY_KEYS <= set(run)
-    assert (run["images"], run["ok"], run["errors"], run["shards"], run["regions"]) == (8, 8, 0, 3, 24)
-    assert run["images_per_s"] > 0 and manifest["live_images"] == 8 and manifest["versions"]["ray"]
-    assert "progress: 3/3 shards, 8/8 images" in caplog.text
-    _assert_matches(str(out), _reference(model, _files(corpus, SAME_SIZE)))
-    again = run_ray(_cfg(corpus, out))["run"]  # nothing left to do: no actor is even started
-    assert (again["images"], again["skipped_already_done"], again["planned_shards"]) == (0, 8, 0)
-
-
-@pytest.mark.slow
-def test_run_ray_on_s3_matches_the_model_and_never_logs_the_secret(ray_local, corpus: Path, s3_server: dict,
-                                                                    s3_bucket: str, model, caplog, capfd):
-    from pipeline.distributed import run_ray
-
-    so = _secret_options(s3_server)
-    _upload(corpus, SAME_SIZE, f"s3://{s3_bucket}/in", so)
-    out = f"s3://{s3_bucket}/out"
-    caplog.set_level(logging.DEBUG)
-    manifest = run_ray(_cfg(f"s3://{s3_bucket}/in", out, storage_options=json.dumps(so), shard_size=4, batch_size=4))
-    assert manifest["run"]["images"] == 8 and manifest["live_images"] == 8
-    _assert_matches(out, _reference(model, _files(corpus, SAME_SIZE)), so)
-    # Add two images to the bucket: the rerun (same driver process, so cached S3 listings) does only those.
-    _upload(SAMPLE, ["Leopards/image_0001.jpg", "Leopards/image_0002.jpg"], f"s3://{s3_bucket}/in", so)
-    run2 = run_ray(_cfg(f"s3://{s3_bucket}/in", out, storage_options=json.dumps(so), shard_size=4, batch_size=4))
-    assert (run2["run"]["images"], run2["run"]["skipped_already_done"], run2["live_images"]) == (2, 8, 10)
-    _assert_exactly_once(out, [*SAME_SIZE, "Leopards/image_0001.jpg", "Leopards/image_0002.jpg"], so)
-    captured = capfd.readouterr()
-    _assert_secret_nowhere(so, s3_bucket, caplog.text, captured.out, captured.err, _ray_session_logs())
-
-
-@pytest.mark.slow
-def test_run_ray_survives_an_actor_killed_mid_shard(ray_local, corpus: Path, tmp_path: Path, model, monkeypatch,
-                                                    caplog):
+def test_run_ray_on_a_local_dir_survives_an_actor_killed_mid_shard(ray_local, corpus: Path, tmp_path: Path, model,
+                                                                   monkeypatch, caplog):
     from pipeline import distributed
 
     flag = tmp_path / "killed-once"
 
     class DiesOnce(extract.ShardWorker):
-        """Writes half of shard 1, then its process dies (once): Ray restarts the actor, the driver resubmits."""
+        """Writes half of shard 1, then its process dies (once): Ray restarts the actor and the shard is redone."""
 
         def run(self, dshard):
             if dshard.shard.shard_id.endswith("-000001") and not flag.exists():
@@ -558,40 +520,58 @@ def test_run_ray_survives_an_actor_killed_mid_shard(ray_local, corpus: Path, tmp
     monkeypatch.setattr(distributed, "ShardWorker", DiesOnce)
     out = tmp_path / "out"
     caplog.set_level(logging.INFO, logger="pipeline")
-    manifest = distributed.run_ray(_cfg(corpus, out, prefetch=1))
+    manifest = distributed.run_ray(_cfg(corpus, out), progress_every_s=0.5)
     assert flag.exists() and int(flag.read_text()) != os.getpid()  # it died, in another process
-    assert "shard g00001-000001 failed (attempt 1), resubmitting" in caplog.text
     run = manifest["run"]
-    assert (run["images"], run["shards"], run["planned_shards"]) == (8, 3, 3)
+    assert SUMMARY_KEYS <= set(run)
+    assert (run["images"], run["ok"], run["errors"], run["shards"], run["planned_shards"], run["regions"]) == \
+        (8, 8, 0, 3, 3, 24)
+    assert run["images_per_s"] > 0 and manifest["live_images"] == 8 and manifest["versions"]["ray"]
+    assert "progress: 3/3 shards, 8/8 images" in caplog.text
     _assert_exactly_once(str(out), SAME_SIZE)
     _assert_matches(str(out), _reference(model, _files(corpus, SAME_SIZE)))
+    monkeypatch.undo()
+    again = distributed.run_ray(_cfg(corpus, out))["run"]  # nothing left to do: no actor is even started
+    assert (again["images"], again["skipped_already_done"], again["planned_shards"]) == (0, 8, 0)
 
 
 @pytest.mark.slow
-def test_run_ray_failed_shard_is_the_only_work_of_the_rerun(ray_local, corpus: Path, tmp_path: Path, monkeypatch):
+def test_run_ray_on_s3_resumes_a_failed_run_matches_the_model_and_never_logs_the_secret(
+        ray_local, corpus: Path, s3_server: dict, s3_bucket: str, model, monkeypatch, caplog, capfd):
     from pipeline import distributed
 
     class AlwaysDies(extract.ShardWorker):
         def run(self, dshard):
-            if dshard.shard.shard_id.endswith("-000002"):
+            if dshard.shard.shard_id.endswith("-000001"):
                 os._exit(1)
             return super().run(dshard)
 
+    so = _secret_options(s3_server)
+    _upload(corpus, SAME_SIZE, f"s3://{s3_bucket}/in", so)
+    out = f"s3://{s3_bucket}/out"
+    cfg = _cfg(f"s3://{s3_bucket}/in", out, storage_options=json.dumps(so), shard_size=4, batch_size=4, prefetch=1)
+    caplog.set_level(logging.DEBUG)
     monkeypatch.setattr(distributed, "ShardWorker", AlwaysDies)
     monkeypatch.setattr(distributed, "SHARD_ATTEMPTS", 1)
-    out = tmp_path / "out"
-    cfg = _cfg(corpus, out, prefetch=1)
-    with pytest.raises(RuntimeError, match="shard g00001-000002 failed 1 times; rerun"):
+    with pytest.raises(RuntimeError, match="shard g00001-000001 failed 1 times; rerun"):
         distributed.run_ray(cfg)
-    assert not (out / "manifest.json").exists()
-    done_ids = _processed_ids(str(out), 1)
-    assert len(done_ids) == 6
     monkeypatch.undo()
-    manifest = distributed.run_ray(cfg)  # would hang for CPUs if the failed run had left its actor alive
+    fs, _ = storage.url_to_fs(out, so)
+    assert not fs.exists(f"{s3_bucket}/out/manifest.json")
+    first = _processed_ids(out, 1, so)
+    assert first == SAME_SIZE[:4]
+
+    # The rerun (same driver, so any cached S3 listing would be stale) redoes only the failed shard. It would wait
+    # forever for CPUs if the failed run had left its restartable actor alive.
+    manifest = distributed.run_ray(cfg)
     run = manifest["run"]
-    assert (run["images"], run["shards"], run["skipped_already_done"]) == (2, 1, 6)
-    assert _processed_ids(str(out), 2) == sorted(set(SAME_SIZE) - set(done_ids))
-    _assert_exactly_once(str(out), SAME_SIZE)
+    assert (run["images"], run["shards"], run["skipped_already_done"], manifest["live_images"]) == (4, 1, 4, 8)
+    assert _processed_ids(out, 2, so) == SAME_SIZE[4:]
+    assert manifest["config"]["storage_options"] == "<redacted>"
+    _assert_exactly_once(out, SAME_SIZE, so)
+    _assert_matches(out, _reference(model, _files(corpus, SAME_SIZE)), so)
+    captured = capfd.readouterr()
+    _assert_secret_nowhere(so, s3_bucket, caplog.text, captured.out, captured.err, _ray_session_logs())
 
 
 # ---- the CLI -------------------------------------------------------------------------------------------------------

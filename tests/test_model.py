@@ -66,6 +66,12 @@ def mixed(model: RegionModel, images) -> tuple[list[Decoded], list[dict[str, np.
     return batch, run(model, batch)
 
 
+@pytest.fixture(scope="module")
+def same_batched(model: RegionModel, images) -> list[dict[str, np.ndarray]]:
+    """The model's outputs for the four same-size images in one batch."""
+    return run(model, images["same"])
+
+
 def test_random_weights_must_be_explicit(tmp_path, monkeypatch) -> None:
     assert ModelConfig().random_weights is False
     # With no cached weights and no network, building fails loudly instead of falling back to random weights.
@@ -88,7 +94,8 @@ def test_outputs_keys_and_shapes(model: RegionModel, mixed) -> None:
             assert np.isfinite(out[key]).all(), key
         n = len(out["boxes"])
         assert 1 <= n <= k
-        assert out["boxes"].shape == (n, 4) and out["scores"].shape == (n,) and out["regions"].shape == (n, dims["local"])
+        assert out["boxes"].shape == (n, 4) and out["scores"].shape == (n,)
+        assert out["regions"].shape == (n, dims["local"])
         assert {out[x].dtype for x in ("boxes", "scores", "regions")} == {np.dtype(np.float32)}
         assert (out["regions"] >= 0).all()
 
@@ -101,13 +108,32 @@ def test_boxes_in_original_pixels_and_scores_descending(mixed) -> None:
         assert (b[:, 2] <= d.width).all() and (b[:, 3] <= d.height).all(), (b, d.width, d.height)
         assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
         assert (np.diff(out["scores"]) <= 0).all()
-        # Boxes are in ORIGINAL pixels: some box reaches beyond the resized image's extent when the model upscaled.
-        assert b.max() <= max(d.width, d.height)
+        # The sample images are upscaled to max_side, so boxes in resized pixels would fail the bounds above.
+        assert d.array.shape[1] > d.width
 
 
-def test_local_is_l1_normalised_sum_of_regions(mixed, images, model) -> None:
-    _, outs = mixed
-    for out in outs + run(model, images["same"][1:2]):
+def test_boxes_never_overshoot_by_float_rounding(model: RegionModel) -> None:
+    """Regression: boxes clamped to the resized image and then scaled by ow / w in float32 could end at 200.00002 in a
+    200-pixel-high image. Pick an original size where that rounding overshoots and check the bound is exact."""
+    from pipeline.images import resize_max_side
+
+    side = model.config.max_side
+    for oh in range(150, 260):
+        w, h = resize_max_side(256, oh, side)
+        if np.float32(h) * np.float32(oh / h) > oh:
+            break
+    else:
+        pytest.skip("no overshooting size in range")
+    image = np.full((h, w, 3), 128, dtype=np.uint8)
+    image[h // 3: h, :: 7] = 255  # some structure, reaching the bottom edge
+    [out] = model([image], [(256, oh)])
+    b = out["boxes"]
+    assert (b[:, 2] <= 256).all() and (b[:, 3] <= oh).all()
+    assert (b[:, 3] == oh).any(), "some box reaches the bottom edge, so the bound above is tested"
+
+
+def test_local_is_l1_normalised_sum_of_regions(mixed, same_batched) -> None:
+    for out in mixed[1] + same_batched:
         s = out["regions"].astype(np.float64).sum(0)
         np.testing.assert_allclose(out["local"], s / np.abs(s).sum(), atol=1e-6, rtol=0)
         assert abs(np.abs(out["local"]).sum() - 1) < 1e-5
@@ -150,11 +176,10 @@ def test_descriptors_equal_a_separate_per_image_computation(model: RegionModel, 
         np.testing.assert_allclose(out["regions"], pool_roi(x, "gem").numpy(), rtol=1e-3, atol=1e-4)
 
 
-def test_batch_equals_one_by_one_for_same_size_images(model: RegionModel, images) -> None:
+def test_batch_equals_one_by_one_for_same_size_images(model: RegionModel, images, same_batched) -> None:
     same = images["same"]
     assert len({d.array.shape for d in same}) == 1
-    batched = run(model, same)
-    for d, b in zip(same, batched):
+    for d, b in zip(same, same_batched):
         [alone] = run(model, [d])
         assert set(alone) == set(b)
         for key in alone:

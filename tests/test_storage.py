@@ -148,6 +148,13 @@ def test_s3_done_markers_written_by_another_process_are_seen(s3_server: dict, s3
     markers = storage.read_done_markers(out, s3_server)
     assert [m["shard"] for m in markers] == ["g00001-000000", "g00001-000001"]
     assert storage.remove_orphans(out, markers, s3_server) == 0  # g00001-000001's data is not an orphan
+    # Objects written elsewhere after this process listed their folder can still be read.
+    storage.write_parquet(storage.join(out, "regions", "g00001-000000.parquet"), pa.table({"x": [1]}), s3_server)
+    assert storage.remove_orphans(out, markers, s3_server) == 0  # lists regions/
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table({"x": [2]}), buf)
+    other.pipe_file(f"{s3_bucket}/feat/regions/g00001-000001.parquet", buf.getvalue().to_pybytes())
+    assert storage.read_parquet(storage.join(out, "regions", "g00001-000001.parquet"), s3_server)["x"].to_pylist() == [2]
 
 
 # ---- done-markers and live rows ------------------------------------------------------------------------------------
