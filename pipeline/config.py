@@ -134,13 +134,16 @@ class IndexConfig:
     pca_sample: int = _opt(100_000, "images sampled to fit PCA")
     factory: str = _opt("", "faiss index-factory string; default: chosen from corpus size and memory budget")
     memory_budget_gb: float = _opt(8.0, "memory budget for each index, GiB")
+    nprobe: int = _opt(32, "IVF lists visited per query (saved in the index)")
+    ef_search: int = _opt(128, "HNSW search queue size (saved in the index)")
     storage_options: str = _opt("", "JSON of fsspec storage options (never logged)")
 
     def validate(self) -> None:
         _check_finite(self)
         if not self.features or not self.output:
             raise ConfigError("--features and --output are required")
-        if self.pca_dim < 1 or self.pca_sample < 1 or self.memory_budget_gb <= 0 or self.local_weight < 0:
+        if self.pca_dim < 1 or self.pca_sample < 1 or self.memory_budget_gb <= 0 or self.local_weight < 0 \
+                or self.nprobe < 1 or self.ef_search < 1:
             raise ConfigError("pca_dim, pca_sample, memory_budget_gb must be > 0 and local_weight >= 0")
         parse_storage_options(self.storage_options)
 

@@ -121,10 +121,8 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
              crow_s.shape[1], pca_c.dim, fact_f, fact_c)
     t1 = time.perf_counter()
 
-    import faiss
-
-    idx_f = faiss.index_factory(pca_f.dim, fact_f, faiss.METRIC_INNER_PRODUCT)
-    idx_c = faiss.index_factory(pca_c.dim, fact_c, faiss.METRIC_INNER_PRODUCT)
+    idx_f = fx.new_index(pca_f.dim, fact_f)
+    idx_c = fx.new_index(pca_c.dim, fact_c)
     # Train on the PCA sample (projected) when the index needs it (IVF / PQ).
     if not idx_f.is_trained:
         idx_f.train(pca_f.transform(fused_s))
@@ -145,6 +143,9 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
         n_per, desc = regions_in_order(r, shard_ids)
         counts.append(n_per)
         region_chunks.append(l2n(desc).astype(np.float16))
+    # Search-time parameters are saved inside the index file (faiss defaults to nprobe=1: poor recall).
+    for idx in (idx_f, idx_c):
+        fx.set_search_params(idx, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(np.concatenate(counts))
     regions = np.concatenate(region_chunks) if region_chunks else np.zeros((0, 1), np.float16)

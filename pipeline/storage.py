@@ -57,7 +57,7 @@ def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
         # Other processes (Ray workers, a concurrent run) write under the same prefixes: a cached listing would hide
         # their objects, both from later listings and from reads (s3fs answers FileNotFoundError for any key that a
         # cached listing of its folder lacks). Listings are therefore never cached unless the caller asks for it.
-        pass
+        opts.setdefault("use_listings_cache", False)
     fs, path = fsspec.core.url_to_fs(url, **opts)
     return fs, path.rstrip("/") if path not in ("/", "") else path
 
@@ -85,7 +85,6 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def _fresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
     """Drop fsspec's cached listings of ``path`` (s3fs keeps a per-instance directory cache that never sees objects
     written by other processes, e.g. Ray workers; a stale listing would hide done-markers)."""
-    return
     try:
         fs.invalidate_cache(path)
     except Exception:  # noqa: BLE001 - a cache that cannot be dropped is not an error

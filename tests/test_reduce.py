@@ -69,3 +69,22 @@ def test_done_marker_written_last_and_s3_round_trip(tiny_features, s3_server, s3
 def test_missing_features_fail_clearly(tmp_path):
     with pytest.raises(storage.StorageError, match="no successfully extracted images"):
         _build(str(tmp_path / "nothing"), str(tmp_path / "index"))
+
+
+def test_factory_override_and_saved_search_params(tiny_features, tmp_path):
+    import faiss
+
+    out = str(tmp_path / "ivf")
+    marker = _build(tiny_features["features"], out, factory="IVF2,Flat", nprobe=2)
+    assert marker["factory"] == {"fused": "IVF2,Flat", "crow": "IVF2,Flat"}
+    index = load_index(storage.join(out, rd.INDEX_FUSED))
+    assert faiss.extract_index_ivf(index).nprobe == 2  # saved with the index: every list visited, so exact
+    exact = load_index(storage.join(_exact(tiny_features, tmp_path), rd.INDEX_FUSED))
+    q = np.stack([exact.reconstruct(i) for i in range(4)])
+    np.testing.assert_array_equal(index.search(q, 5)[1], exact.search(q, 5)[1])
+
+
+def _exact(tiny_features, tmp_path) -> str:
+    out = str(tmp_path / "flat")
+    _build(tiny_features["features"], out)
+    return out

