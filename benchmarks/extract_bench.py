@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--sample-s", type=float, default=0.25, help="memory sampling period")
     p.add_argument("--order", choices=("bare-first", "ray-first"), default="bare-first")
+    p.add_argument("--worker-niceness", type=int, default=0,
+                   help="nice value of Ray's workers; Ray's own default is 15, which on a machine shared with other "
+                        "jobs hands the job's CPU to them while the bare loop keeps nice 0 (0: equal footing)")
     p.add_argument("--workdir", default="", help="where corpora and outputs go (default: a temp dir, removed)")
     args = p.parse_args(argv)
 
@@ -233,11 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(threads)
+    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read by the raylet that ray.init starts
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     print(f"# extract_bench: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Ray {ray.__version__} with {args.cpus} CPUs, torch {torch.__version__} with {threads} threads, "
           f"max_side {args.max_side}, regions {args.regions}, shard {args.shard_size}, batch {args.batch_size}, "
-          f"actor_cpus {args.actor_cpus}, prefetch {args.prefetch}, load avg {os.getloadavg()[0]:.1f}", flush=True)
+          f"actor_cpus {args.actor_cpus}, prefetch {args.prefetch}, worker niceness {args.worker_niceness}, "
+          f"load avg {os.getloadavg()[0]:.1f}", flush=True)
     results = []
     try:
         for n in sizes:
@@ -255,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.rmtree(cfg.output, ignore_errors=True)
                     runs["ray"] = measure(lambda: ray_job(cfg), tree=True, every_s=args.sample_s)
             ratio = runs["ray"]["images_per_s"] / runs["bare"]["images_per_s"]
-            row = {"images": n, "ray": runs["ray"], "bare": runs["bare"], "ratio_ray_over_bare": round(ratio, 3)}
+            row = {"images": n, "ray": runs["ray"], "bare": runs["bare"], "ratio_ray_over_bare": round(ratio, 3),
+                   "load_avg_1m_after": round(os.getloadavg()[0], 2)}
             results.append(row)
             print(f"{n:>6} images | ray {runs['ray']['images_per_s']:7.2f} img/s ({runs['ray']['wall_s']:.1f} s) | "
                   f"bare {runs['bare']['images_per_s']:7.2f} img/s ({runs['bare']['wall_s']:.1f} s) | "

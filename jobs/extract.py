@@ -14,6 +14,7 @@ import _common  # noqa: F401  (puts the checkout on sys.path)
 
 from pipeline.config import SAMPLE_DATA, ConfigError, ExtractConfig, parse_args, parse_storage_options
 from pipeline.distributed import init_ray, run_ray
+from pipeline.extract import run_local
 from pipeline.extract import preflight
 from pipeline.storage import StorageError
 

@@ -94,12 +94,14 @@ class ExtractConfig(ModelConfig):
     batch_size: int = _opt(16, "images per forward pass")
     num_actors: int = _opt(0, "model actors; 0 = one per GPU, or one on a CPU-only cluster")
     num_gpus: float = _opt(-1.0, "GPUs per model actor; -1 = 1 when the cluster has GPUs, else 0")
-    threads: int = _opt(0, "torch CPU threads per actor; 0 = the actor's CPUs")
+    threads: int = _opt(0, "torch CPU threads per actor; 0 = auto: a GPU actor's reserved CPUs, or the cluster's "
+                           "CPUs shared among CPU actors (all cores in-process)")
     actor_cpus: float = _opt(1.0, "CPUs reserved per model actor")
     prefetch: int = _opt(2, "decoded shards in flight per actor (pipelining decode with inference)")
     float16: bool = _opt(False, "store vectors as float16 (half the bytes)")
     max_pixels: int = _opt(89_478_485, "refuse images with more pixels (decompression bombs)")
     storage_options: str = _opt("", "JSON of fsspec storage options (never logged)")
+    in_process: bool = _opt(False, "run in this process without Ray (single machine, debugging)")
 
     def validate(self) -> None:
         super().validate()
@@ -331,6 +333,8 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         meta = f.metadata
         typ = hints[f.name]
         if typ is bool:
+            # BooleanOptionalAction reads any "--no-..." flag as the negation: a field named no_x could never be set.
+            assert not f.name.startswith("no_"), f"boolean field {f.name} would be unreachable as --{f.name}"
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=meta.get("help"))
         else:
             p.add_argument(flag, dest=f.name, type=typ, default=f.default, choices=meta.get("choices"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -32,6 +33,29 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def actor_threads(threads: int, num_gpus: float, actor_cpus: float, cluster_cpus: float, n_actors: int) -> int:
+    """Torch CPU threads per model actor.
+
+    Args:
+        threads: the config's value; > 0 is used as given.
+        num_gpus: GPUs per actor.
+        actor_cpus: CPUs reserved per actor.
+        cluster_cpus: CPUs of the cluster.
+        n_actors: model actors of the run.
+
+    Returns:
+        ``threads`` if set; else on GPU actors the actor's reserved CPUs (the GPU does the arithmetic; more threads
+        would only compete with the decode tasks), and on CPU actors the cluster's CPUs shared among the actors (each
+        actor used to take every core of its node, so k actors on a node ran k x cores threads: oversubscribed
+        intra-op threads stall on each other, several times slower than one thread per core here).
+    """
+    if threads > 0:
+        return threads
+    if num_gpus > 0:
+        return max(1, math.ceil(actor_cpus))
+    return max(1, int(cluster_cpus // max(1, n_actors)))
 
 
 def run_ray(cfg: ExtractConfig, progress_every_s: float = 10.0) -> dict[str, Any]:
@@ -65,7 +89,10 @@ def run_ray(cfg: ExtractConfig, progress_every_s: float = 10.0) -> dict[str, Any
         num_gpus = cfg.num_gpus if cfg.num_gpus >= 0 else (1.0 if gpus >= 1 else 0.0)
         n_actors = cfg.num_actors or (max(1, int(gpus // num_gpus)) if num_gpus > 0 else 1)
         n_actors = max(1, min(n_actors, len(plan.shards)))
-        log.info("%d model actor(s), %.2g GPU and %.2g CPU each", n_actors, num_gpus, cfg.actor_cpus)
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        threads = actor_threads(cfg.threads, num_gpus, cfg.actor_cpus, cpus, n_actors)
+        log.info("%d model actor(s), %.2g GPU, %.2g CPU and %d torch threads each", n_actors, num_gpus, cfg.actor_cpus,
+                 threads)
         # max_task_retries > 0: a call whose actor process died is retried by Ray on the restarted actor. With 0, the
         # resubmitted shard reached the actor while it was still restarting and failed at once (ActorUnavailableError),
         # so one crash used up every attempt within a second and failed the job. Shards are idempotent (same shard
@@ -73,7 +100,7 @@ def run_ray(cfg: ExtractConfig, progress_every_s: float = 10.0) -> dict[str, Any
         actor_cls = ray.remote(num_cpus=cfg.actor_cpus, num_gpus=num_gpus, max_restarts=-1,
                                max_task_retries=max(0, SHARD_ATTEMPTS - 1))(ShardWorker)
         actors = [actor_cls.remote(model_config=cfg.model_config(), output=cfg.output, batch_size=cfg.batch_size,
-                                   float16=cfg.float16, threads=cfg.threads, storage_options=so)
+                                   float16=cfg.float16, threads=threads, storage_options=so)
                   for _ in range(n_actors)]
         decode = ray.remote(num_cpus=1, max_retries=SHARD_ATTEMPTS)(decode_shard)
         queue = deque((s, 1) for s in plan.shards)

@@ -207,7 +207,8 @@ class ShardWorker:
         output: extraction output URL.
         batch_size: images per forward pass.
         float16: store vectors as float16.
-        threads: torch CPU threads (0 = all cores of this node when on CPU).
+        threads: torch CPU threads (0 = all cores of this machine; run_ray passes its own choice, see
+            pipeline.distributed.actor_threads).
         storage_options: fsspec options.
     """
 

@@ -329,7 +329,9 @@ def test_extraction_survives_losing_a_node(cluster: LocalCluster, tmp_path: Path
 
     cluster.wait_for(lambda: cluster.job(sid).get("status") in ("SUCCEEDED", "FAILED", "STOPPED"), 300, "the job")
     info = cluster.job(sid)
-    print(f"killed {victim} (the model actor's node) after {at_kill}/{total} shards; job {info['status']}")
+    logs = (cluster._get(f"/api/jobs/{sid}/logs") or {}).get("logs", "")
+    print(f"killed {victim} (the model actor's node) after {at_kill}/{total} shards; job {info['status']}; "
+          f"driver: {[ln for ln in logs.splitlines() if 'resubmitting' in ln or 'progress' in ln]}")
     if info["status"] != "SUCCEEDED":  # the documented fallback: rerun the same command, it resumes
         _check(cluster.submit(cmd), f"rerun after {info['status']}: {info.get('message', '')[-2000:]}")
 

@@ -202,6 +202,17 @@ def test_run_model_on_shard_batches_by_size_and_keeps_record_order(float16):
     assert stats["regions"] == 8 and stats["read_s"] == 0.5
 
 
+def test_actor_threads_share_the_cpus_without_oversubscribing():
+    from pipeline.distributed import actor_threads
+
+    assert actor_threads(3, 0, 1.0, 16, 4) == 3  # an explicit value wins
+    assert actor_threads(0, 0, 1.0, 2, 1) == 2  # one CPU actor: every core (decoding is a small share)
+    assert actor_threads(0, 0, 1.0, 16, 4) == 4  # four CPU actors: a quarter each, not 4 x 16 threads
+    assert actor_threads(0, 0, 1.0, 2, 8) == 1
+    assert actor_threads(0, 1, 1.0, 96, 8) == 1  # GPU actors: their reserved CPUs, cores left to decoding
+    assert actor_threads(0, 0.5, 2.5, 96, 8) == 3
+
+
 def test_decode_shard_turns_fetch_failures_into_retryable_rows(tmp_path: Path):
     good = tmp_path / "a.jpg"
     shutil.copy(SAMPLE / SAME_SIZE[0], good)

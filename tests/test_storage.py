@@ -154,7 +154,8 @@ def test_s3_done_markers_written_by_another_process_are_seen(s3_server: dict, s3
     buf = pa.BufferOutputStream()
     pq.write_table(pa.table({"x": [2]}), buf)
     other.pipe_file(f"{s3_bucket}/feat/regions/g00001-000001.parquet", buf.getvalue().to_pybytes())
-    assert storage.read_parquet(storage.join(out, "regions", "g00001-000001.parquet"), s3_server)["x"].to_pylist() == [2]
+    got = storage.read_parquet(storage.join(out, "regions", "g00001-000001.parquet"), s3_server)
+    assert got["x"].to_pylist() == [2]
 
 
 # ---- done-markers and live rows ------------------------------------------------------------------------------------
