@@ -14,8 +14,7 @@ import _common  # noqa: F401  (puts the checkout on sys.path)
 
 from pipeline.config import SAMPLE_DATA, ConfigError, ExtractConfig, parse_args, parse_storage_options
 from pipeline.distributed import init_ray, run_ray
-from pipeline.extract import run_local
-from pipeline.extract import preflight
+from pipeline.extract import preflight, run_local
 from pipeline.storage import StorageError
 
 
@@ -27,8 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     _common.log_config("extract", cfg)
     try:
         preflight(cfg, parse_storage_options(cfg.storage_options))  # unreachable input / unwritable output: before Ray
-        init_ray()
-        manifest = run_ray(cfg)
+        if cfg.in_process:
+            manifest = run_local(cfg)
+        else:
+            init_ray()
+            manifest = run_ray(cfg)
     except (StorageError, ConfigError) as e:
         print(f"jobs/extract.py: error: {e}", file=sys.stderr)
         return 2

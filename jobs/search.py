@@ -1,6 +1,7 @@
 """Entry point: search a built index with a query image; optional region re-ranking and query expansion.
 
     python jobs/search.py --index runs/demo/index --image photo.jpg --top-k 10 --rerank 100 --qe 5 [--json]
+    python jobs/search.py --index s3://bucket/sigregions --image photo.jpg   # a jobs/reindex.py root: its CURRENT
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import _common
 
 from pipeline.config import SearchConfig, parse_args, parse_storage_options
+from pipeline.publish import resolve_index
 from pipeline.report import markdown_table
 from pipeline.search import Searcher
 
@@ -19,7 +21,8 @@ from pipeline.search import Searcher
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(SearchConfig, argv, "jobs/search.py", __doc__.splitlines()[0])
     _common.setup_logging()
-    searcher = Searcher(cfg.index, parse_storage_options(cfg.storage_options))
+    so = parse_storage_options(cfg.storage_options)
+    searcher = Searcher(resolve_index(cfg.index, so), so)  # a re-index root: the version its CURRENT names
     hits = searcher.search([cfg.image], top_k=cfg.top_k, rerank=cfg.rerank, qe=cfg.qe, space=cfg.space)[0]
     rows = [dataclasses.asdict(h) for h in hits]
     print(json.dumps(rows, indent=2) if cfg.json else markdown_table(rows, ["rank", "image_id", "uri", "score"]))

@@ -85,6 +85,8 @@ class TrainConfig:
     objectness_weight: float = _opt(1.0, "weight of the RPN objectness loss")
     box_weight: float = _opt(1.0, "weight of the RPN box regression loss")
     caption_weight: float = _opt(1.0, "weight of the caption loss")
+    lr_schedule: str = _opt("cosine", "learning rate over the run: constant, or cosine decay to 0",
+                            choices=("cosine", "constant"))
     grad_clip: float = _opt(5.0, "clip the gradient norm (0 = off)")
     eval_top_k: int = _opt(50, "held-out proposal recall uses the top-K RPN proposals")
     eval_before: bool = _opt(True, "evaluate the untrained model on the held-out split first (epoch 0)")
@@ -780,10 +782,18 @@ def build_optimizer(model: DenseCapModel, cfg: TrainConfig) -> torch.optim.Optim
     backbone = [p for p in model.features.parameters() if p.requires_grad]
     ids = {id(p) for p in model.features.parameters()}
     heads = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": heads, "lr": cfg.lr}]
+    groups = [{"params": heads, "lr": cfg.lr, "base_lr": cfg.lr}]
     if backbone:
-        groups.append({"params": backbone, "lr": cfg.lr / 10})
+        groups.append({"params": backbone, "lr": cfg.lr / 10, "base_lr": cfg.lr / 10})
     return torch.optim.Adam(groups)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Set each group's learning rate for ``step`` (0-based) of ``total_steps``; returns the heads' rate."""
+    f = 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * f
+    return optimizer.param_groups[0]["lr"]
 
 
 def train_worker(cfg: TrainConfig, train: RegionData, val: RegionData, vocab: Sequence[str], rank: int = 0,
@@ -839,6 +849,9 @@ def train_worker(cfg: TrainConfig, train: RegionData, val: RegionData, vocab: Se
     if steps_per_epoch < 1:
         raise ConfigError(f"{len(train)} training images are fewer than workers x batch size ({world} x {cfg.batch_size})")
     trainable = [p for p in model.parameters() if p.requires_grad]
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
     ds = RegionDataset(train, cfg.max_side, so)
     for epoch in range(start_epoch, cfg.epochs + 1):
         if cfg.max_steps and step >= cfg.max_steps:
@@ -856,6 +869,7 @@ def train_worker(cfg: TrainConfig, train: RegionData, val: RegionData, vocab: Se
             t1 = time.perf_counter()
             t_data += t1 - t0
             optimizer.zero_grad(set_to_none=True)
+            lr = set_lr(optimizer, cfg, step, total_steps)
             if batch:
                 with _autocast(cfg, device):
                     out = net(*to_device(batch, model.bb, device))
@@ -887,7 +901,7 @@ def train_worker(cfg: TrainConfig, train: RegionData, val: RegionData, vocab: Se
         m = {"epoch": epoch, "step": step, **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
              "train_images": images * world, "train_s": train_s, "step_s": t_compute / max(1, n_steps),
              "data_wait_s": t_data / max(1, n_steps),
-             "images_per_s": images * world / max(train_s, 1e-9)}
+             "images_per_s": images * world / max(train_s, 1e-9), "lr": lr if n_steps else float("nan")}
         m.update(evaluate(model, val, cfg, device, rank, world, so))
         history.append(m)
         log.info("epoch %d: %s", epoch, json.dumps(m))

@@ -300,6 +300,25 @@ def test_jobs_end_to_end_through_ray_job_submit(cluster: LocalCluster, tmp_path:
     assert (report / "report.md").exists() and "crow+rerank" in out
 
 
+def test_scheduled_reindex_through_ray_job_submit(cluster: LocalCluster, tmp_path: Path) -> None:
+    """What the CronJob runs (cluster/kuberay/reindex-cronjob.yaml): jobs/reindex.py submitted to the cluster,
+    extraction on its workers, the index build in the driver, CURRENT published last."""
+    from pipeline import publish
+    from pipeline.search import Searcher
+
+    images, root = tmp_path / "images", tmp_path / "live"
+    for cls in sorted(p for p in SAMPLE.iterdir() if p.is_dir()):
+        (images / cls.name).mkdir(parents=True)
+        shutil.copy(sorted(cls.glob("*.jpg"))[0], images / cls.name)
+    _check(cluster.submit(["python", "jobs/reindex.py", "--input", str(images), "--root", str(root), "--keep", "2",
+                           "--pca-dim", "8", *TINY], submission_id=f"reindex-{secrets.token_hex(4)}"), "reindex")
+    pointer = publish.current(str(root))
+    assert pointer is not None and pointer["images"] == 8
+    assert (root / pointer["path"] / "_SUCCESS.json").exists()
+    searcher = Searcher(publish.resolve_index(str(root)), model=object())  # what jobs/search.py --index <root> opens
+    assert sorted(searcher.ids) == sorted(str(p.relative_to(images)) for p in images.rglob("*.jpg"))
+
+
 def test_extraction_survives_losing_a_node(cluster: LocalCluster, tmp_path: Path) -> None:
     """Kill the node running the model actor while an extraction runs: the job still completes (Ray restarts the
     actor on the surviving node and the driver resubmits the shards that died with it), or, should it fail, the same
@@ -319,9 +338,10 @@ def test_extraction_survives_losing_a_node(cluster: LocalCluster, tmp_path: Path
 
     cluster.wait_for(lambda: done_shards() >= 2 or cluster.job(sid).get("status") in ("SUCCEEDED", "FAILED"), 240,
                      "the first shards")
+    ray_job = cluster.job(sid).get("job_id")  # the driver's Ray job id (the submission id is ours)
     actor = next((a for a in cluster.actors() if a.get("class_name") == "ShardWorker" and a.get("state") == "ALIVE"
-                  and a.get("job_id") is not None), None)
-    assert actor is not None, f"no live model actor: {cluster.job(sid)}"
+                  and a.get("job_id") == ray_job), None)
+    assert actor is not None, f"no live model actor of job {ray_job}: {cluster.job(sid)}"
     victim = next(n for n in ("w1", "w2") if cluster.node_id(n) == actor["node_id"])
     at_kill = done_shards()
     cluster.kill_node(victim)
@@ -330,8 +350,9 @@ def test_extraction_survives_losing_a_node(cluster: LocalCluster, tmp_path: Path
     cluster.wait_for(lambda: cluster.job(sid).get("status") in ("SUCCEEDED", "FAILED", "STOPPED"), 300, "the job")
     info = cluster.job(sid)
     logs = (cluster._get(f"/api/jobs/{sid}/logs") or {}).get("logs", "")
+    resubmitted = [ln.split("WARNING", 1)[-1][:160] for ln in logs.splitlines() if "resubmitting" in ln]
     print(f"killed {victim} (the model actor's node) after {at_kill}/{total} shards; job {info['status']}; "
-          f"driver: {[ln for ln in logs.splitlines() if 'resubmitting' in ln or 'progress' in ln]}")
+          f"driver resubmitted {len(resubmitted)} shard(s): {resubmitted}")
     if info["status"] != "SUCCEEDED":  # the documented fallback: rerun the same command, it resumes
         _check(cluster.submit(cmd), f"rerun after {info['status']}: {info.get('message', '')[-2000:]}")
 

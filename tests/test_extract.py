@@ -582,7 +582,9 @@ def test_run_ray_on_s3_resumes_a_failed_run_matches_the_model_and_never_logs_the
     _assert_exactly_once(out, SAME_SIZE, so)
     _assert_matches(out, _reference(model, _files(corpus, SAME_SIZE)), so)
     captured = capfd.readouterr()
-    _assert_secret_nowhere(so, s3_bucket, caplog.text, captured.out, captured.err, _ray_session_logs())
+    ray_logs = _ray_session_logs()
+    assert "shard g00002-000000: 4 images (4 ok)" in ray_logs  # the scan does see what the workers logged
+    _assert_secret_nowhere(so, s3_bucket, caplog.text, captured.out, captured.err, ray_logs)
 
 
 # ---- the CLI -------------------------------------------------------------------------------------------------------
@@ -622,4 +624,4 @@ def test_cli_end_to_end_on_s3(ray_local: str, corpus: Path, s3_server: dict, s3_
     assert "progress: 2/2 shards, 8/8 images" in r.stderr
     assert '"storage_options": "<redacted>"' in r.stderr  # the config is logged, redacted
     _assert_matches(out, _reference(model, _files(corpus, SAME_SIZE)), so)
-    _assert_secret_nowhere(so, s3_bucket, r.stdout, r.stderr)
+    _assert_secret_nowhere(so, s3_bucket, r.stdout, r.stderr, _ray_session_logs())
