@@ -17,10 +17,10 @@ WORKDIR /app
 # wget: KubeRay's default liveness/readiness probes run it inside the Ray containers.
 RUN apt-get update && apt-get install -y --no-install-recommends wget && rm -rf /var/lib/apt/lists/*
 
-# Dependencies first (cached layer), then the code.
+# Dependencies first (cached layer), then the code. Ray pinned to RAY_VERSION; its extras come from pyproject.toml.
 COPY pyproject.toml README.md ./
 COPY pipeline/ pipeline/
-RUN pip install '.' "ray[data,default]==${RAY_VERSION}" && python -m pipeline.weights install
+RUN pip install '.' "ray==${RAY_VERSION}" && python -m pipeline.weights install
 COPY jobs/ jobs/
 COPY cluster/ cluster/
 COPY data/ data/

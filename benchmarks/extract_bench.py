@@ -197,14 +197,20 @@ def ray_job(cfg: ExtractConfig) -> dict[str, Any]:
     run = manifest["run"]
     assert run["images"] == run["ok"], run["statuses"]
     markers = storage.read_done_markers(cfg.output)
-    first_done = min(m["finished"] for m in markers) - manifest["finished"] + wall if markers else 0.0
+    first = min(markers, key=lambda m: m["finished"])
+    first_done = first["finished"] - manifest["finished"] + wall  # seconds from the call to the first done shard
+    # After the first shard the actor is up and the pipeline is full: the rate that a larger corpus converges to.
+    steady = (run["images"] - first["stats"]["images"]) / max(1e-9, wall - first_done)
     return {"images": run["images"], "wall_s": wall, "images_per_s": run["images"] / wall,
-            "stage_seconds_summed": run["stage_seconds_summed"], "first_shard_done_s": round(first_done, 2)}
+            "steady_images_per_s": steady, "stage_seconds_summed": run["stage_seconds_summed"],
+            "first_shard_done_s": round(first_done, 2)}
 
 
 def measure(fn: Callable[[], dict[str, Any]], tree: bool, every_s: float) -> dict[str, Any]:
+    load0 = os.getloadavg()[0]
     with MemorySampler(tree, every_s) as mem:
         out = fn()
+    out["load_avg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # before, after: other jobs on the machine
     out["peak_mem_mib"] = {k: (round(v / MiB, 1) if k != "processes" else v) for k, v in mem.peak.items()}
     return out
 
@@ -260,16 +266,18 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.rmtree(cfg.output, ignore_errors=True)
                     runs["ray"] = measure(lambda: ray_job(cfg), tree=True, every_s=args.sample_s)
             ratio = runs["ray"]["images_per_s"] / runs["bare"]["images_per_s"]
-            row = {"images": n, "ray": runs["ray"], "bare": runs["bare"], "ratio_ray_over_bare": round(ratio, 3),
-                   "load_avg_1m_after": round(os.getloadavg()[0], 2)}
+            row = {"images": n, "ray": runs["ray"], "bare": runs["bare"], "ratio_ray_over_bare": round(ratio, 3)}
             results.append(row)
-            print(f"{n:>6} images | ray {runs['ray']['images_per_s']:7.2f} img/s ({runs['ray']['wall_s']:.1f} s) | "
+            r = runs["ray"]
+            print(f"{n:>6} images | ray {r['images_per_s']:7.2f} img/s ({r['wall_s']:.1f} s; first shard done at "
+                  f"{r['first_shard_done_s']:.1f} s, then {r['steady_images_per_s']:.2f} img/s) | "
                   f"bare {runs['bare']['images_per_s']:7.2f} img/s ({runs['bare']['wall_s']:.1f} s) | "
                   f"ratio {ratio:.3f} | peak PSS ray job {runs['ray']['peak_mem_mib']['total_pss']:.0f} MiB "
                   f"(driver {runs['ray']['peak_mem_mib']['driver_pss']:.0f}, others "
                   f"{runs['ray']['peak_mem_mib']['others_pss']:.0f}, RSS sum "
                   f"{runs['ray']['peak_mem_mib']['total_rss']:.0f}) | bare process RSS "
-                  f"{runs['bare']['peak_mem_mib']['driver_rss']:.0f} MiB", flush=True)
+                  f"{runs['bare']['peak_mem_mib']['driver_rss']:.0f} MiB | load avg ray {r['load_avg_1m']} bare "
+                  f"{runs['bare']['load_avg_1m']}", flush=True)
         print(json.dumps(results, indent=2, default=str))
     finally:
         ray.shutdown()

@@ -46,6 +46,8 @@ def _field(f: dataclasses.Field, **meta: Any) -> Any:
 
 def _validate(self: Any) -> None:
     ModelConfig.validate(self)
+    if not self.root:
+        raise ConfigError("--root is required")
     if self.rollback:
         return
     if not self.input:

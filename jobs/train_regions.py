@@ -1,8 +1,8 @@
-"""Entry point: train the region model (RPN + recognition network + caption LSTM) on Visual Genome regions, on Ray Train.
+"""Entry point: train the region model (RPN, recognition network, caption LSTM) on Visual Genome regions, on Ray Train.
 
     python jobs/train_regions.py --data /data/vg --output runs/rpn-mobilenet --epochs 10
-    ray job submit --working-dir . -- python jobs/train_regions.py --data s3://bucket/vg --image-dirs VG_100K,VG_100K_2 \
-        --output s3://bucket/models/rpn-mobilenet --workers 8 --use-gpu --batch-size 8
+    ray job submit --working-dir . -- python jobs/train_regions.py --data s3://bucket/vg \
+        --image-dirs VG_100K,VG_100K_2 --output s3://bucket/models/rpn-mobilenet --workers 8 --use-gpu --batch-size 8
 
 The final checkpoint is <output>/region_model.pt: `python jobs/extract.py --proposer rpn --checkpoint <that URL>`.
 A rerun with the same --output resumes after the last finished epoch.

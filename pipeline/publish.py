@@ -96,7 +96,7 @@ def new_version(root: str, storage_options: dict[str, Any] | None = None) -> str
     Returns:
         E.g. ``v000004-20261127T221500Z``.
     """
-    counters = [int(_VERSION_RE.match(n).group(1)) for n, _ in list_versions(root, storage_options)]  # type: ignore[union-attr]
+    counters = [int(n[1:7]) for n, _ in list_versions(root, storage_options)]  # names match _VERSION_RE
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(storage.now()))
     return f"v{1 + max(counters, default=0):06d}-{stamp}"
 

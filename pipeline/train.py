@@ -41,7 +41,7 @@ PAD, START, END, UNK = range(4)
 
 # Fields that may change when a run is resumed (how and where it runs, how long); any other change is a new run.
 RESUMABLE_CHANGES = ("data", "output", "epochs", "workers", "use_gpu", "cpus_per_worker", "loader_workers", "amp",
-                     "log_every", "storage_options")
+                     "log_every", "max_failures", "ray_storage", "storage_options")
 
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -65,7 +65,7 @@ class TrainConfig:
     projection_dim: int = _opt(512, "learned projection after pooled RoI features (non-VGG backbones)")
     region_pool: str = _opt("gem", "pooling of RoI features before the projection (non-VGG backbones)",
                             choices=REGION_POOLS)
-    max_side: int = _opt(512, "longer image side fed to the CNN, in pixels (aspect kept)")
+    max_side: int = _opt(448, "longer image side fed to the CNN, in pixels (aspect kept); extract at the same size")
     image_dirs: str = _opt("images", "comma-separated image folders under the data folder (Visual Genome: "
                                      "VG_100K,VG_100K_2); files are <image_id>.<ext>")
     max_images: int = _opt(0, "use a seeded random subset of this many annotated images (0 = all)")
@@ -91,10 +91,13 @@ class TrainConfig:
     eval_top_k: int = _opt(50, "held-out proposal recall uses the top-K RPN proposals")
     eval_before: bool = _opt(True, "evaluate the untrained model on the held-out split first (epoch 0)")
     max_steps: int = _opt(0, "stop after this many steps in total (0 = no limit; for smoke runs)")
-    amp: bool = _opt(True, "bfloat16 autocast on GPU")
+    amp: bool = _opt(True, "backbone in bfloat16 autocast on GPU")
     loader_workers: int = _opt(2, "image-decoding processes per training worker")
     cpus_per_worker: float = _opt(0.0, "CPUs reserved per training worker; 0 = 1 + loader_workers")
     log_every: int = _opt(50, "log the losses every N steps")
+    max_failures: int = _opt(0, "Ray Train restarts after a worker failure (each resumes after the last finished epoch)")
+    ray_storage: str = _opt("", "where Ray Train keeps its run records (default ~/ray_results; on a multi-node "
+                                "cluster, a shared path or bucket URL)")
     seed: int = _opt(0, "seed of the split, the subset, sampling and initialisation")
     random_weights: bool = _opt(False, "random backbone weights (tests only)")
     storage_options: str = _opt("", "JSON of fsspec storage options (never logged)")
@@ -105,11 +108,11 @@ class TrainConfig:
         _check_finite(self)
         if not self.data or not self.output:
             raise ConfigError("--data and --output are required")
-        for name in ("epochs", "batch_size", "workers", "projection_dim", "rpn_batch", "caption_regions", "embed_dim", "rpn_channels",
-                     "lstm_dim", "eval_top_k", "min_word_count", "max_words", "log_every", "max_val_images"):
+        for name in ("epochs", "batch_size", "workers", "projection_dim", "rpn_batch", "rpn_channels", "caption_regions",
+                     "embed_dim", "lstm_dim", "eval_top_k", "min_word_count", "max_words", "log_every", "max_val_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_images", "max_steps", "loader_workers", "cpus_per_worker", "grad_clip", "objectness_weight",
+        for name in ("max_images", "max_steps", "max_failures", "loader_workers", "cpus_per_worker", "grad_clip", "objectness_weight",
                      "box_weight", "caption_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -367,7 +370,8 @@ def load_region_data(cfg: TrainConfig, storage_options: dict[str, Any] | None = 
     if cfg.max_images and len(keep) > cfg.max_images:
         keep = sorted(np.random.default_rng(cfg.seed + 1).choice(keep, cfg.max_images, replace=False).tolist())
     if len(keep) < 2:
-        raise ConfigError(f"{ann_url}: {len(keep)} usable images (annotated and found under {cfg.image_dirs}); need >= 2")
+        raise ConfigError(f"{ann_url}: {len(keep)} usable images (annotated and found under {cfg.image_dirs}); "
+                          "need >= 2")
     tr, va = split_indices(len(keep), cfg.val_fraction, cfg.max_val_images, cfg.seed)
     if vocab is None:
         vocab = build_vocab((toks for j in tr for _, toks in per_image[keep[j]]), cfg.min_word_count)
@@ -499,11 +503,10 @@ class CaptionLSTM(nn.Module):
         targets[torch.arange(n, device=tokens.device), lengths] = END
         return logits, targets
 
-    def loss(self, desc: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(mean cross-entropy per predicted token, number of predicted tokens)."""
+    def loss(self, desc: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy per predicted token (the words and ``<end>``)."""
         logits, targets = self(desc, tokens)
-        n = int((targets != PAD).sum())
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD), n
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD)
 
     @torch.no_grad()
     def generate(self, desc: torch.Tensor, max_len: int = 15) -> torch.Tensor:
@@ -527,7 +530,8 @@ class DenseCapModel(nn.Module):
     """Backbone + RPN localization layer + recognition network + caption LSTM, with DenseCap's training losses.
 
     ``forward`` returns the losses (so that DistributedDataParallel sees one module). The backbone's batch norms stay
-    in eval mode (small per-GPU batches); with ``freeze_backbone`` its weights get no gradient.
+    in eval mode (small per-GPU batches); with ``freeze_backbone`` its weights get no gradient. For VGG16 the
+    recognition network's fc6/fc7 are trained (fine-tuned) either way.
 
     Args:
         cfg: the training config.
@@ -557,11 +561,11 @@ class DenseCapModel(nn.Module):
         return self
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's feature map (float32); no graph when the backbone is frozen."""
-        if self.freeze_backbone:
-            with torch.no_grad():
-                return self.features(x).float()
-        return self.features(x).float()
+        """The backbone's feature map (float32; computed in bfloat16 on CUDA with ``amp``); no graph when the backbone
+        is frozen. The heads run in float32 (box coordinates need its precision)."""
+        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.amp and x.device.type == "cuda")
+        with amp, torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
+            return self.features(x).float()
 
     def rpn_targets(self, anchors: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Anchor labels (1 positive, 0 negative, -1 ignored) and matched ground-truth index per anchor.
@@ -590,7 +594,7 @@ class DenseCapModel(nn.Module):
             tokens: per image (n_i, L) their phrases' token ids.
 
         Returns:
-            {"objectness", "box", "caption", "loss" (weighted sum), "caption_tokens"}.
+            {"loss" (the weighted sum, with its graph), "objectness", "box", "caption" (detached)}.
         """
         fmap = self.feature_map(x)
         logits, deltas = self.rpn(fmap)
@@ -609,7 +613,7 @@ class DenseCapModel(nn.Module):
             obj_terms.append(F.binary_cross_entropy_with_logits(lg[sampled].float(), labels[sampled]))
             target = self.rpn.box_coder.encode_single(gt[matched[pos]], anc[pos])
             box_terms.append(F.smooth_l1_loss(dl[pos].float(), target, beta=1.0 / 9, reduction="sum")
-                             / max(1, int(sampled.sum())))
+                             / sampled.sum().clamp(min=1))
             # Captioned regions: the ground truth and the positive anchors' predicted boxes (each with the phrase of
             # its matched box), a random subset of at most caption_regions.
             with torch.no_grad():
@@ -622,13 +626,12 @@ class DenseCapModel(nn.Module):
             rois.append(cand[pick])
             roi_tokens.append(cand_tok[pick])
         desc = torch.cat(self.recognition(fmap, rois))
-        caption, n_tok = self.caption.loss(desc, torch.cat(roi_tokens))
+        caption = self.caption.loss(desc, torch.cat(roi_tokens))
         objectness = torch.stack(obj_terms).mean()
         box = torch.stack(box_terms).mean()
         c = self.cfg
         loss = c.objectness_weight * objectness + c.box_weight * box + c.caption_weight * caption
-        return {"loss": loss, "objectness": objectness.detach(), "box": box.detach(), "caption": caption.detach(),
-                "caption_tokens": torch.tensor(n_tok)}
+        return {"loss": loss, "objectness": objectness.detach(), "box": box.detach(), "caption": caption.detach()}
 
     @torch.no_grad()
     def evaluate_batch(self, x: torch.Tensor, image_sizes: Sequence[tuple[int, int]], boxes: Sequence[torch.Tensor],
@@ -756,8 +759,7 @@ def evaluate(model: DenseCapModel, data: RegionData, cfg: TrainConfig, device: t
     for batch in loader:
         if not batch:
             continue
-        with _autocast(cfg, device):
-            s = model.evaluate_batch(*to_device(batch, model.bb, device), top_k=cfg.eval_top_k)
+        s = model.evaluate_batch(*to_device(batch, model.bb, device), top_k=cfg.eval_top_k)
         for k, v in s.items():
             sums[k] += v
         sums["images"] += len(batch)
@@ -766,15 +768,6 @@ def evaluate(model: DenseCapModel, data: RegionData, cfg: TrainConfig, device: t
     return {"val_caption_loss": sums["caption_ce"] / max(1.0, sums["caption_tokens"]),
             "val_recall": sums["recall_hits"] / max(1.0, sums["gt_boxes"]),
             "val_images": sums["images"], "val_gt_boxes": sums["gt_boxes"]}
-
-
-def _autocast(cfg: TrainConfig, device: torch.device):
-    """bfloat16 autocast on CUDA when enabled, else a no-op context."""
-    import contextlib
-
-    if cfg.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def build_optimizer(model: DenseCapModel, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -794,6 +787,15 @@ def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, total_
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * f
     return optimizer.param_groups[0]["lr"]
+
+
+def _first_good(ds: RegionDataset, indices: Sequence[int]) -> list[dict[str, Any]]:
+    """A one-image batch: the first of ``indices`` that decodes (for a step whose images all failed)."""
+    for i in indices:
+        item = ds[int(i)]
+        if item is not None:
+            return [item]
+    raise RuntimeError("no training image of this worker could be read and decoded")
 
 
 def train_worker(cfg: TrainConfig, train: RegionData, val: RegionData, vocab: Sequence[str], rank: int = 0,
@@ -847,7 +849,8 @@ def train_worker(cfg: TrainConfig, train: RegionData, val: RegionData, vocab: Se
 
     steps_per_epoch = len(train) // (world * cfg.batch_size)
     if steps_per_epoch < 1:
-        raise ConfigError(f"{len(train)} training images are fewer than workers x batch size ({world} x {cfg.batch_size})")
+        raise ConfigError(f"{len(train)} training images are fewer than workers x batch size "
+                          f"({world} x {cfg.batch_size})")
     trainable = [p for p in model.parameters() if p.requires_grad]
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
@@ -862,6 +865,7 @@ def train_worker(cfg: TrainConfig, train: RegionData, val: RegionData, vocab: Se
                                              collate_fn=collate, num_workers=cfg.loader_workers)
         sums = {"loss": 0.0, "objectness": 0.0, "box": 0.0, "caption": 0.0}
         n_steps = images = 0
+        last_batch: list[dict[str, Any]] = []
         t_epoch = time.perf_counter()
         t_data = t_compute = 0.0
         t0 = time.perf_counter()
@@ -870,38 +874,37 @@ def train_worker(cfg: TrainConfig, train: RegionData, val: RegionData, vocab: Se
             t_data += t1 - t0
             optimizer.zero_grad(set_to_none=True)
             lr = set_lr(optimizer, cfg, step, total_steps)
+            images += len(batch)
             if batch:
-                with _autocast(cfg, device):
-                    out = net(*to_device(batch, model.bb, device))
-                loss = out["loss"]
-            else:  # every image of this batch failed to decode: a zero step keeps DDP's workers in lockstep
-                out, loss = None, sum(p.sum() for p in trainable) * 0.0
-            loss.backward()
+                last_batch = batch
+            else:  # no image of this batch decoded: repeat a good batch so that DDP's workers stay in lockstep
+                batch = last_batch or _first_good(ds, mine)
+            out = net(*to_device(batch, model.bb, device))
+            out["loss"].backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             optimizer.step()
             step += 1
             n_steps += 1
-            images += len(batch)
-            if out is not None:
-                for k in sums:
-                    sums[k] += float(out[k].detach())
+            for k in sums:
+                sums[k] += float(out[k].detach())
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             t_compute += t0 - t1
             if rank == 0 and step % cfg.log_every == 0:
                 log.info("epoch %d step %d: loss %.4f (objectness %.4f, box %.4f, caption %.4f), %.3f s/step, "
-                         "data wait %.3f s/step", epoch, step, *(float(out[k]) if out else float("nan")
-                                                                  for k in ("loss", "objectness", "box", "caption")),
+                         "data wait %.3f s/step", epoch, step,
+                         *(float(out[k].detach()) for k in ("loss", "objectness", "box", "caption")),
                          t_compute / n_steps, t_data / n_steps)
             if cfg.max_steps and step >= cfg.max_steps:
                 break
         train_s = time.perf_counter() - t_epoch
-        m = {"epoch": epoch, "step": step, **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
-             "train_images": images * world, "train_s": train_s, "step_s": t_compute / max(1, n_steps),
-             "data_wait_s": t_data / max(1, n_steps),
-             "images_per_s": images * world / max(train_s, 1e-9), "lr": lr if n_steps else float("nan")}
+        tot = _all_reduce_sum({**sums, "steps": float(n_steps), "images": float(images)}, device)  # over all workers
+        m = {"epoch": epoch, "step": step, **{f"train_{k}": tot[k] / max(1.0, tot["steps"]) for k in sums},
+             "train_images": int(tot["images"]), "train_s": train_s, "step_s": t_compute / max(1, n_steps),
+             "data_wait_s": t_data / max(1, n_steps), "images_per_s": tot["images"] / max(train_s, 1e-9),
+             "lr": lr if n_steps else float("nan")}
         m.update(evaluate(model, val, cfg, device, rank, world, so))
         history.append(m)
         log.info("epoch %d: %s", epoch, json.dumps(m))
@@ -936,6 +939,9 @@ def prepare_data(cfg: TrainConfig) -> tuple[RegionData, RegionData, list[str], d
         raise ConfigError(f"{cfg.output} holds a training run with another config (differs in {changed}); "
                           "use a new --output")
     train, val, vocab, stats = load_region_data(cfg, so, vocab=marker["vocab"] if marker else None)
+    if len(train) < cfg.workers * cfg.batch_size:
+        raise ConfigError(f"{len(train)} training images are fewer than workers x batch size "
+                          f"({cfg.workers} x {cfg.batch_size})")
     if marker is not None:
         stats["resume_after_epoch"] = marker["epoch"]
     log.info("data: %s", json.dumps(stats))
@@ -972,15 +978,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                  prepare=ray.train.torch.prepare_model, report=lambda m: ray.train.report(m))
 
 
-def fit(cfg: TrainConfig, max_failures: int = 0,
-        prepared: tuple[RegionData, RegionData, list[str], dict[str, Any]] | None = None) -> dict[str, Any]:
+def fit(cfg: TrainConfig, prepared: tuple[RegionData, RegionData, list[str], dict[str, Any]] | None = None
+        ) -> dict[str, Any]:
     """Train on the connected Ray cluster with Ray Train's TorchTrainer (``pipeline.distributed.init_ray`` first):
     ``cfg.workers`` data-parallel workers, one GPU each with ``use_gpu``; the data is parsed once on the driver and
     shared through the object store.
 
     Args:
         cfg: the training config.
-        max_failures: Ray Train restarts after a worker failure (each resumes from the last finished epoch).
         prepared: what ``prepare_data(cfg)`` returned, when the caller ran it already (before starting Ray).
 
     Returns:
@@ -999,7 +1004,8 @@ def fit(cfg: TrainConfig, max_failures: int = 0,
         train_loop_per_worker,
         train_loop_config={"config": cfg, "data": ray.put((train, val, vocab)), "cpus": cpus},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name=f"train_regions-{int(time.time())}", failure_config=FailureConfig(max_failures)),
+        run_config=RunConfig(name=f"train_regions-{int(time.time())}", storage_path=cfg.ray_storage or None,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     trainer.fit()
     so = parse_storage_options(cfg.storage_options)

@@ -117,6 +117,21 @@ def test_pointer_is_small_json_naming_the_version(tmp_path: Path) -> None:
     assert (tmp_path / "CURRENT").stat().st_size < 1024
 
 
+def test_up_to_date_means_the_newest_complete_build_has_these_features(root: tuple[str, dict]) -> None:
+    url, so = root
+    v = _names(3)
+    assert pub.is_up_to_date(url, "s1", so) is None
+    _fake_version(url, so, v[0])
+    pub.write_source(url, v[0], {"features_state": "s1"}, so)
+    assert pub.is_up_to_date(url, "s1", so) == v[0] and pub.is_up_to_date(url, "s2", so) is None
+    _fake_version(url, so, v[1], complete=False)  # a crashed build of newer features does not count
+    pub.write_source(url, v[1], {"features_state": "s2"}, so)
+    assert pub.is_up_to_date(url, "s2", so) is None and pub.is_up_to_date(url, "s1", so) == v[0]
+    _fake_version(url, so, v[2])
+    pub.write_source(url, v[2], {"features_state": "s2"}, so)
+    assert pub.is_up_to_date(url, "s2", so) == v[2] and pub.is_up_to_date(url, "s1", so) is None
+
+
 # ---- a reader while a new version is built ------------------------------------------------------------------
 
 
@@ -203,7 +218,8 @@ def _reindex_twice(input_url: str, url: str, so: dict, add: Callable[[], None],
     assert second["built"]["images"] == 7 and v2 > v1
     assert pub.current(url, so)["version"] == v2 and pub.current(url, so)["previous"] == v1
     done = storage.read_json(storage.join(pub.version_url(url, v2), pub.DONE), so)
-    assert done["images"] == 7 and storage.read_json(storage.join(pub.version_url(url, v1), pub.DONE), so)["images"] == 6
+    assert done["images"] == 7
+    assert storage.read_json(storage.join(pub.version_url(url, v1), pub.DONE), so)["images"] == 6  # v1 untouched
 
     # Nothing changed: no new version; the pointer stays.
     third = _run(reindex, common, capsys)

@@ -167,6 +167,22 @@ def test_load_region_data_splits_by_seed_and_builds_vocab_from_training_phrases(
     np.testing.assert_allclose(item["boxes"], boxes * 128 / SIZE, rtol=1e-5)
 
 
+def test_missing_and_corrupt_images_are_skipped(shapes_data: dict, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "vg"
+    shutil.copytree(shapes_data["root"], root)
+    (root / "images" / "1001.jpg").unlink()  # annotated, no file: left out when the data is loaded
+    cfg = tiny_config(root, tmp_path / "out")
+    train, val, _, stats = T.load_region_data(cfg)
+    assert stats["missing_files"] == 1 and len(train) + len(val) == 23 and 1001 not in set(train.image_ids)
+    bad = int(train.image_ids[0])
+    (root / "images" / f"{bad}.jpg").write_bytes(b"not a jpeg")  # found, but does not decode: skipped per step
+    ds = T.RegionDataset(train, cfg.max_side)
+    assert ds[0] is None and len(T.collate([ds[0], ds[1]])) == 1
+    assert T._first_good(ds, [0, 1])[0]["image_id"] == int(train.image_ids[1])
+
+
 def test_a_few_steps_lower_the_loss(shapes_data: dict, tmp_path: Path) -> None:
     cfg = tiny_config(shapes_data["root"], tmp_path)
     train, _, vocab, _ = T.load_region_data(cfg)
@@ -191,6 +207,56 @@ def test_a_few_steps_lower_the_loss(shapes_data: dict, tmp_path: Path) -> None:
     for k in ("loss", "objectness", "caption"):
         assert last[k] < first[k], (k, [h[k] for h in history])
     assert last["loss"] < 0.8 * first["loss"] and np.isfinite(last["box"])
+
+
+def _tiny_vgg(random_weights: bool):
+    """A stand-in for VGG16 (stride 16, a fc6/fc7-like head giving 4096-D region codes) that builds in milliseconds."""
+    from torch import nn
+
+    from pipeline.backbones import Backbone
+
+    torch.manual_seed(123)
+    feats = nn.Sequential(nn.Conv2d(3, 8, 3, stride=16, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    head = nn.Sequential(nn.Linear(8 * 7 * 7, 4096), nn.ReLU(), nn.Dropout())
+    return Backbone("vgg16", feats, stride=16, channels=8, head=head, head_input=7)
+
+
+def test_vgg_style_head_and_a_fine_tuned_backbone_travel_in_the_checkpoint(shapes_data: dict, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import backbones
+
+    monkeypatch.setitem(backbones.REGISTRY, "vgg16", _tiny_vgg)
+    cfg = tiny_config(shapes_data["root"], tmp_path, backbone="vgg16", freeze_backbone=False)
+    train, _, vocab, _ = T.load_region_data(cfg)
+    model = T.DenseCapModel(cfg, len(vocab)).train()
+    assert model.recognition.projection is None and model.caption.args["in_dim"] == 4096
+    assert model.recognition.head.training and not model.features.training  # dropout on, batch norm statistics fixed
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = T.build_optimizer(model, cfg)
+    batch = T.collate([T.RegionDataset(train, cfg.max_side)[i] for i in range(2)])
+    out = model(*T.to_device(batch, model.bb, torch.device("cpu")))
+    opt.zero_grad()
+    out["loss"].backward()
+    opt.step()
+    after = model.state_dict()
+    for name in ("features.0.weight", "recognition.head.0.weight", "rpn.conv.weight", "caption.out.weight"):
+        assert not torch.equal(before[name], after[name]), f"{name} did not train"
+    assert torch.equal(before["features.1.running_mean"], after["features.1.running_mean"])
+
+    url = str(tmp_path / "vgg.pt")
+    T.save_torch(T.region_checkpoint(model, vocab), url)
+    ckpt = load_checkpoint(url)
+    assert {"head_state", "backbone_state"} <= set(ckpt) and "projection" not in ckpt and ckpt["projection_dim"] == 0
+    rm = RegionModel(ModelConfig(backbone="vgg16", proposer="rpn", checkpoint=url, max_side=128, regions=4),
+                     device="cpu")
+    assert torch.equal(rm.backbone.head[0].weight, model.recognition.head[0].weight)
+    assert torch.equal(rm.backbone.features[0].weight, model.features[0].weight)
+    assert torch.equal(rm.rpn.conv.weight, model.rpn.conv.weight)
+    dec = decode_image((shapes_data["root"] / "images" / "1000.jpg").read_bytes(), max_side=128)
+    res = rm([dec.array], [(dec.width, dec.height)])[0]
+    assert res["regions"].shape[1] == 4096 and res["global"].shape == (4096,)
+    with pytest.raises(ValueError, match="trained on vgg16"):
+        RegionModel(ModelConfig(backbone="mobilenet_v2", proposer="rpn", checkpoint=url), device="cpu")
 
 
 # ------------------------------------------------------------------------------------- training and extraction
