@@ -10,7 +10,8 @@ For a corpus and for the 10x corpus (data/caltech8's 80 images replicated under 
 
 their ratio, the Ray run's summed stage seconds, and peak memory: the sum over the driver and every process it
 started (Ray's GCS, raylet and workers), sampled every ``--sample-s`` seconds with psutil when installed, else from
-/proc (PSS, which counts shared object-store pages once, and RSS, which counts them in every process mapping them).
+/proc: RSS, which counts shared object-store pages in every process mapping them, and PSS, which counts them once
+(read less often: see MemorySampler). The bare loop's figure is its one process's.
 
     python benchmarks/extract_bench.py                      # 160 and 1600 images, max_side 224, 2 CPUs
     python benchmarks/extract_bench.py --sizes 80 --cpus 4 --threads 3 --actor-cpus 3
@@ -76,52 +77,76 @@ def _proc_tree(root: int) -> list[int]:
     return out
 
 
-def _mem(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) bytes of one process; (0, 0) when it is gone."""
+def _rss(pid: int) -> int:
+    """Resident bytes of one process (cheap: /proc/pid/statm or psutil's memory_info); 0 when it is gone."""
+    try:
+        import psutil
+
+        return int(psutil.Process(pid).memory_info().rss)
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - the process ended between listing and reading
+        return 0
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size of one process (shared pages split among their users); costly: ~5-10 ms a process."""
     try:
         import psutil
 
         info = psutil.Process(pid).memory_full_info()
-        return int(info.rss), int(getattr(info, "pss", info.rss))
+        return int(getattr(info, "pss", info.rss))
     except ImportError:
         pass
-    except Exception:  # noqa: BLE001 - the process ended between listing and reading
-        return 0, 0
-    rss = pss = 0
+    except Exception:  # noqa: BLE001
+        return 0
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("Rss:"):
-                    rss = int(line.split()[1]) * 1024
-                elif line.startswith("Pss:"):
-                    pss = int(line.split()[1]) * 1024
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
-        return 0, 0
-    return rss, pss
+        pass
+    return 0
 
 
 class MemorySampler:
-    """Samples memory of this process alone or of its whole process tree in a background thread; keeps peaks."""
+    """Samples memory of this process alone or of its whole process tree in a background thread; keeps peaks.
 
-    def __init__(self, tree: bool, every_s: float) -> None:
-        self.tree, self.every_s = tree, every_s
-        self.peak = {"driver_rss": 0, "driver_pss": 0, "others_rss": 0, "others_pss": 0, "total_rss": 0,
+    RSS is read every ``every_s`` (cheap); PSS, whose kernel walk cost ~60 ms for a Ray job's ten processes and, taken
+    four times a second, ate a fifth of a core of the 2-core machine it measured, only when the RSS total reaches a
+    new peak, at most every ``pss_every_s``, and once at the end. The process list is refreshed every 2 s.
+    """
+
+    def __init__(self, tree: bool, every_s: float, pss_every_s: float = 2.0) -> None:
+        self.tree, self.every_s, self.pss_every_s = tree, every_s, pss_every_s
+        self.peak = {"driver_rss": 0, "others_rss": 0, "total_rss": 0, "driver_pss": 0, "others_pss": 0,
                      "total_pss": 0, "processes": 0}
+        self._pids: list[int] = []
+        self._pids_at = self._pss_at = -1e9
+        self._pss_rss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _sample(self) -> None:
-        me = os.getpid()
-        pids = _proc_tree(me) if self.tree else [me]
-        d_rss, d_pss = _mem(me)
-        o_rss = o_pss = 0
-        for pid in pids:
-            if pid != me:
-                r, p = _mem(pid)
-                o_rss, o_pss = o_rss + r, o_pss + p
-        now = {"driver_rss": d_rss, "driver_pss": d_pss, "others_rss": o_rss, "others_pss": o_pss,
-               "total_rss": d_rss + o_rss, "total_pss": d_pss + o_pss, "processes": len(pids)}
-        for k, v in now.items():
+    def _sample(self, force_pss: bool = False) -> None:
+        me, now = os.getpid(), time.monotonic()
+        if now - self._pids_at >= 2.0 or force_pss:
+            self._pids = _proc_tree(me) if self.tree else [me]
+            self._pids_at = now
+        rss = {pid: _rss(pid) for pid in self._pids}
+        d_rss, o_rss = rss.get(me, 0), sum(v for k, v in rss.items() if k != me)
+        cur = {"driver_rss": d_rss, "others_rss": o_rss, "total_rss": d_rss + o_rss, "processes": len(self._pids)}
+        if force_pss or (d_rss + o_rss > self._pss_rss and now - self._pss_at >= self.pss_every_s):
+            pss = {pid: _pss(pid) for pid in self._pids}
+            d_pss, o_pss = pss.get(me, 0), sum(v for k, v in pss.items() if k != me)
+            cur.update({"driver_pss": d_pss, "others_pss": o_pss, "total_pss": d_pss + o_pss})
+            self._pss_at, self._pss_rss = now, d_rss + o_rss
+        for k, v in cur.items():
             self.peak[k] = max(self.peak[k], v)
 
     def _loop(self) -> None:
@@ -136,7 +161,7 @@ class MemorySampler:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self._sample()
+        self._sample(force_pss=True)
 
 
 # ---- corpus --------------------------------------------------------------------------------------------------------
@@ -226,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--prefetch", type=int, default=2)
-    p.add_argument("--sample-s", type=float, default=0.25, help="memory sampling period")
+    p.add_argument("--sample-s", type=float, default=0.5, help="memory (RSS) sampling period")
     p.add_argument("--order", choices=("bare-first", "ray-first"), default="bare-first")
     p.add_argument("--worker-niceness", type=int, default=0,
                    help="nice value of Ray's workers; Ray's own default is 15, which on a machine shared with other "
