@@ -4,7 +4,6 @@ with that job's own CLI parser and validates."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 import sys
@@ -16,6 +15,7 @@ import yaml
 
 from pipeline.config import (BenchmarkConfig, ConfigError, ExtractConfig, IndexConfig, SearchConfig, build_parser,
                              from_dict, parse_args)
+from _jobs import load_job
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -53,14 +53,8 @@ def _kind(kind: str) -> list[tuple[Path, dict]]:
 
 
 def _job_module(name: str) -> Any:
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-        return mod
-    finally:
-        sys.path.remove(str(REPO / "jobs"))
+    """Import jobs/<name>.py as a module."""
+    return load_job(name)
 
 
 def command_lines() -> list[tuple[Path, str, list[str]]]:

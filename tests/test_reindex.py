@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -14,6 +13,7 @@ import pytest
 
 from pipeline import publish as pub
 from pipeline import storage
+from _jobs import load_job  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "caltech8"
@@ -21,15 +21,8 @@ TINY = ["--max-side", "64", "--regions", "3", "--shard-size", "4", "--batch-size
 
 
 def _job(name: str) -> Any:
-    """Import jobs/<name>.py as a module (its ``main(argv)`` runs the job in this process)."""
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-        return mod
-    finally:
-        sys.path.remove(str(REPO / "jobs"))
+    """Import jobs/<name>.py as a module."""
+    return load_job(name)
 
 
 @pytest.fixture(params=["local", "s3"])
