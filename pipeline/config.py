@@ -59,7 +59,7 @@ class ModelConfig:
 
     backbone: str = _opt("mobilenet_v2", "CNN backbone", choices=BACKBONES)
     proposer: str = _opt("activation", "region proposer: training-free activation regions, or a trained RPN", choices=PROPOSERS)
-    regions: int = _opt(6, "top-K regions kept per image")
+    regions: int = _opt(12, "top-K regions kept per image (12: best measured, see BENCHMARKS.md)")
     max_side: int = _opt(448, "longer image side fed to the CNN, in pixels (aspect kept)")
     nms_iou: float = _opt(0.5, "NMS IoU threshold between the activation proposer's candidate regions")
     region_pool: str = _opt("gem", "pooling of RoI features into a region descriptor (non-VGG backbones)", choices=REGION_POOLS)
