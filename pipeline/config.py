@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,8 +360,3 @@ def parse_args(cls: type[T], argv: Sequence[str] | None, prog: str, description:
     except ConfigError as e:
         parser.error(str(e))
         raise  # unreachable: parser.error exits
-
-
-def default_storage_options() -> dict[str, Any]:
-    """Storage options from the environment for tests and local endpoints (SIGREGIONS_STORAGE_OPTIONS JSON)."""
-    return parse_storage_options(os.environ.get("SIGREGIONS_STORAGE_OPTIONS", ""))

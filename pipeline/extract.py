@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import platform
@@ -343,15 +342,3 @@ def finish(cfg: ExtractConfig, plan: Plan, done: list[dict[str, Any]], elapsed: 
                 "finished": storage.now()}
     storage.write_json(storage.join(cfg.output, storage.MANIFEST), manifest, storage_options)
     return manifest
-
-
-def config_for_log(cfg: ExtractConfig) -> dict[str, Any]:
-    """The config as logged at start (secrets redacted)."""
-    return public_dict(cfg)
-
-
-def replace(cfg: ExtractConfig, **changes: Any) -> ExtractConfig:
-    """A validated copy of a config with some fields changed."""
-    new = dataclasses.replace(cfg, **changes)
-    new.validate()
-    return new
