@@ -20,7 +20,7 @@ from pipeline.config import BenchmarkConfig, ExtractConfig, parse_storage_option
 from pipeline.fusion import PCA, fuse, l2n
 from pipeline.reduce import regions_in_order
 from pipeline.report import markdown_table, results_sheet, save_png, to_jsonable
-from pipeline.rerank import average_query_expansion, region_rerank
+from pipeline.rerank import average_query_expansion, rerank_top
 from pipeline.schema import STATUS_OK, column_to_numpy
 
 log = logging.getLogger(__name__)
@@ -128,14 +128,10 @@ def rerank_ranking(c: Corpus, vec: dict[str, np.ndarray], qrows: np.ndarray, dep
     q = crow[qrows]
     # The query side of region similarity: the query's descriptor pooled like the regions (GeM over the whole map).
     qg = l2n(c.vectors["gem"][qrows])
-    ids, sc = rank_all(q, crow, depth)
-    top_ids, top_sc = region_rerank(qg, ids[:, :n], sc[:, :n], c.region_desc, c.offsets, mode="max", alpha=0.5)
-    ids = np.concatenate([top_ids, ids[:, n:]], axis=1)
+    ids, _ = rerank_top(qg, *rank_all(q, crow, depth), c.region_desc, c.offsets, n)
     if qe > 0:
         q2 = average_query_expansion(q, crow, ids, qe)
-        ids, sc = rank_all(q2, crow, depth)
-        top_ids, _ = region_rerank(qg, ids[:, :n], sc[:, :n], c.region_desc, c.offsets, mode="max", alpha=0.5)
-        ids = np.concatenate([top_ids, ids[:, n:]], axis=1)
+        ids, _ = rerank_top(qg, *rank_all(q2, crow, depth), c.region_desc, c.offsets, n)
     return ids
 
 

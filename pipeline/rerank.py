@@ -150,6 +150,32 @@ def _region_block(
     return out
 
 
+# Weight of the region similarity against the first-pass score when the pipeline re-ranks (search and benchmarks).
+RERANK_ALPHA = 0.5
+
+
+def rerank_top(q_global: np.ndarray, ids: np.ndarray, scores: np.ndarray, region_desc: np.ndarray,
+               offsets: np.ndarray, n: int, alpha: float = RERANK_ALPHA) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank the first ``n`` columns of a ranking by regions (``region_rerank``, max mode) and keep the rest as is.
+
+    Args:
+        q_global: ``(Q, D)`` query descriptors in the regions' space.
+        ids: ``(Q, M)`` ranking, best first.
+        scores: ``(Q, M)`` its scores.
+        region_desc: ``(R, D)`` region store.
+        offsets: ``(N_db + 1,)`` region offsets.
+        n: how many leading candidates to re-rank (clipped to ``M``).
+        alpha: weight of the region similarity.
+
+    Returns:
+        ``(ids, scores)`` of the same shape, the first ``n`` columns re-ranked.
+    """
+    n = min(n, ids.shape[1])
+    top_ids, top_sc = region_rerank(q_global, ids[:, :n], scores[:, :n], region_desc, offsets, mode="max", alpha=alpha)
+    return (np.concatenate([top_ids, ids[:, n:]], axis=1),
+            np.concatenate([top_sc, np.asarray(scores[:, n:], dtype=top_sc.dtype)], axis=1))
+
+
 def average_query_expansion(q: np.ndarray, db: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     """Average query expansion, AQE (Chum et al. 2007).
 

@@ -14,7 +14,7 @@ from pipeline import storage
 from pipeline.config import ModelConfig
 from pipeline.fusion import PCA, fuse, l2n
 from pipeline.images import decode_image
-from pipeline.rerank import average_query_expansion, region_rerank
+from pipeline.rerank import rerank_top
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,7 @@ class Searcher:
             scores, ids = fx.search(index, q, depth)
         if rerank > 0:
             qg = l2n(np.stack([o["gem"] for o in outs]))
-            n = min(rerank, ids.shape[1])
-            top_ids, top_sc = region_rerank(qg, ids[:, :n], scores[:, :n], self.regions, self.offsets,
-                                            mode="max", alpha=0.5)
-            ids = np.concatenate([top_ids, ids[:, n:]], axis=1)
-            scores = np.concatenate([top_sc, scores[:, n:]], axis=1)
+            ids, scores = rerank_top(qg, ids, scores, self.regions, self.offsets, rerank)
         return ids[:, :top_k], scores[:, :top_k]
 
     def search(self, image_uris: Sequence[str], top_k: int = 10, rerank: int = 0, qe: int = 0,

@@ -150,3 +150,18 @@ def test_query_expansion_ignores_padding():
     expected = q + db[ids[:, 0]]
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(average_query_expansion(q, db, ids, 2), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rerank_top_reranks_prefix_and_keeps_tail():
+    from pipeline.rerank import rerank_top
+
+    d = 4
+    q = np.eye(d, dtype=np.float32)[:1]
+    # Database images 0..3; image 2 owns a region equal to the query, the others orthogonal regions.
+    region_desc = np.stack([np.eye(d)[1], np.eye(d)[1], np.eye(d)[0], np.eye(d)[2]]).astype(np.float32)
+    offsets = np.array([0, 1, 2, 3, 4], dtype=np.int64)
+    ids = np.array([[0, 1, 2, 3]], dtype=np.int64)
+    scores = np.array([[0.9, 0.8, 0.7, 0.6]], dtype=np.float32)
+    got_ids, got_sc = rerank_top(q, ids, scores, region_desc, offsets, n=3, alpha=0.5)
+    assert got_ids.tolist() == [[2, 0, 1, 3]]  # 0.5*1 + 0.5*0.7 = 0.85 beats 0.45 and 0.40; column 4 untouched
+    np.testing.assert_allclose(got_sc, [[0.85, 0.45, 0.40, 0.6]], atol=1e-6)
