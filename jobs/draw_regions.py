@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--proposer", default=ModelConfig.proposer, choices=PROPOSERS)
     p.add_argument("--checkpoint", default="", help="region-model checkpoint URL (for --proposer rpn)")
     p.add_argument("--max-side", type=int, default=ModelConfig.max_side, help="longer side fed to the CNN")
+    p.add_argument("--region-scales", default=ModelConfig.region_scales, help="region pyramid scales (see extract.py)")
     p.add_argument("--columns", type=int, default=3, help="tiles per row")
     p.add_argument("--thumb", type=int, default=320, help="tile side in pixels")
     p.add_argument("--output", default="regions.png", help="PNG path or URL")
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1:
         p.error("--n must be >= 1")
     cfg = ModelConfig(backbone=args.backbone, proposer=args.proposer, regions=args.regions, max_side=args.max_side,
-                      checkpoint=args.checkpoint)
+                      region_scales=args.region_scales, checkpoint=args.checkpoint)
     try:
         cfg.validate()
     except ConfigError as e:

@@ -58,8 +58,11 @@ class ModelConfig:
 
     backbone: str = _opt("mobilenet_v2", "CNN backbone", choices=BACKBONES)
     proposer: str = _opt("activation", "region proposer: training-free activation regions, or a trained RPN", choices=PROPOSERS)
-    regions: int = _opt(12, "top-K regions kept per image (12: best measured, see BENCHMARKS.md)")
+    regions: int = _opt(12, "top-K regions kept per image, over all region scales (12: best measured, see BENCHMARKS.md)")
     max_side: int = _opt(448, "longer image side fed to the CNN, in pixels (aspect kept)")
+    region_scales: str = _opt("0.7,1", "comma-separated image scales, relative to max_side, at which regions are "
+                                       "proposed and described (a pyramid; 1 alone = one level); global descriptors "
+                                       "use scale 1 only")
     nms_iou: float = _opt(0.5, "NMS IoU threshold between the activation proposer's candidate regions")
     region_pool: str = _opt("gem", "pooling of RoI features into a region descriptor (non-VGG backbones)", choices=REGION_POOLS)
     checkpoint: str = _opt("", "URL of a trained region-model checkpoint (required for --proposer rpn)")
@@ -75,8 +78,31 @@ class ModelConfig:
             raise ConfigError(f"max_side must be in [32, 4096], got {self.max_side}")
         if not 0.0 < self.nms_iou <= 1.0:
             raise ConfigError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
+        self.scales()
         if self.proposer == "rpn" and not self.checkpoint:
             raise ConfigError("--proposer rpn needs --checkpoint URL of a trained region model")
+
+    def scales(self) -> tuple[float, ...]:
+        """The region scales, parsed and checked (ascending, distinct).
+
+        Raises:
+            ConfigError: a value that is not a number in (0, 4], a repeated scale, or a scale that makes the longer
+                side shorter than 32 pixels.
+        """
+        out = []
+        for part in self.region_scales.split(","):
+            try:
+                v = float(part)
+            except ValueError:
+                raise ConfigError(f"region_scales: {part.strip()!r} is not a number") from None
+            if not (math.isfinite(v) and 0.0 < v <= 4.0):
+                raise ConfigError(f"region_scales: {v} is not in (0, 4]")
+            if round(v * self.max_side) < 32:
+                raise ConfigError(f"region_scales: {v} x max_side {self.max_side} is under 32 pixels")
+            out.append(v)
+        if len(set(out)) != len(out):
+            raise ConfigError(f"region_scales: repeated scale in {self.region_scales!r}")
+        return tuple(sorted(out))
 
     def model_hash(self) -> str:
         """A short stable hash of everything that changes the model's output."""

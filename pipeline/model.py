@@ -49,8 +49,9 @@ class RegionModel:
 
     ``model(images, sizes)`` takes decoded RGB uint8 arrays already resized so the longer side is ``max_side``
     (pipeline.images.decode_image does that) and the original (width, height) of each, and returns one dict per image:
-    ``global``, ``spoc``, ``mac``, ``rmac``, ``gem``, ``crow`` (1-D float32), ``boxes`` (K, 4) in original-image pixels,
-    ``scores`` (K,) descending, ``regions`` (K, D) region descriptors, ``local`` (D,) = L1(sum of regions) (eq. 1-2).
+    ``global``, ``spoc``, ``mac``, ``rmac``, ``gem``, ``crow`` (1-D float32), ``boxes`` (R, 4) in original-image pixels,
+    ``scores`` (R,) descending, ``regions`` (R, D) region descriptors, ``local`` (D,) = L1(sum of regions) (eq. 1-2).
+    R <= K: each level of the region pyramid (``region_scales``) proposes its top K, and the K best of them all are kept.
 
     Args:
         config: the model config.
@@ -99,6 +100,7 @@ class RegionModel:
         self.recognition.eval().to(self.device)
         self.name = f"{config.backbone}/{config.proposer}"
         self.region_dim = self.recognition.dim if self.recognition.dim > 0 else self.backbone.channels
+        self.scales = config.scales()
 
     @property
     def dims(self) -> dict[str, int]:
@@ -115,6 +117,37 @@ class RegionModel:
             return D.spoc(fm)
         x = F.adaptive_avg_pool2d(F.max_pool2d(fm.unsqueeze(0), 2, ceil_mode=True), 7)
         return self.backbone.head(x.flatten(1))[0]
+
+    def _regions_at(self, fmap: torch.Tensor, hw: Sequence[tuple[int, int]], k: int,
+                    scale: float) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Top-k regions of each image of one pyramid level and their descriptors.
+
+        Args:
+            fmap: (B, C, h, w) feature map of the level's padded batch.
+            hw: each image's (height, width) in the level's pixels.
+            k: regions per image.
+            scale: the level's scale relative to max_side (boxes are divided by it).
+
+        Returns:
+            Per image: boxes (k', 4) in max_side pixels, scores (k',) descending, descriptors (k', D).
+        """
+        s = self.backbone.stride
+        boxes, scores = [], []
+        if self.rpn is not None:
+            for b, sc in self.rpn.propose(fmap, list(hw), k):
+                boxes.append(b)
+                scores.append(sc)
+        else:
+            for i, (h, w) in enumerate(hw):
+                fm = fmap[i, :, : max(1, math.ceil(h / s)), : max(1, math.ceil(w / s))]
+                cells, sc = activation_proposals(fm, k, nms_iou=self.config.nms_iou)
+                b = cells * s
+                b[:, 0::2] = b[:, 0::2].clamp(0, w)
+                b[:, 1::2] = b[:, 1::2].clamp(0, h)
+                boxes.append(b)
+                scores.append(sc)
+        desc = self.recognition(fmap, boxes)
+        return [b / scale for b in boxes], scores, [d.float() for d in desc]
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]]) -> list[dict[str, np.ndarray]]:
@@ -146,31 +179,32 @@ class RegionModel:
         t1 = time.perf_counter()
 
         K = self.config.regions
-        boxes_px: list[torch.Tensor] = []
-        scores: list[torch.Tensor] = []
-        crops = []
-        for i, im in enumerate(images):
-            h, w = im.shape[:2]
-            hc, wc = max(1, math.ceil(h / s)), max(1, math.ceil(w / s))
-            fm = fmap[i, :, :hc, :wc]
-            crops.append(fm)
-            if self.rpn is None:
-                cells, sc = activation_proposals(fm, K, nms_iou=self.config.nms_iou)
-                b = cells * s
-                b[:, 0::2] = b[:, 0::2].clamp(0, w)
-                b[:, 1::2] = b[:, 1::2].clamp(0, h)
-                boxes_px.append(b)
-                scores.append(sc)
-        if self.rpn is not None:
-            for b, sc in self.rpn.propose(fmap, [im.shape[:2] for im in images], K):
-                boxes_px.append(b)
-                scores.append(sc)
-        regions = self.recognition(fmap, boxes_px)
+        crops = [fmap[i, :, : max(1, math.ceil(im.shape[0] / s)), : max(1, math.ceil(im.shape[1] / s))]
+                 for i, im in enumerate(images)]
+        # Regions at each scale of the pyramid (scale 1 reuses the forward pass above), boxes in max_side pixels.
+        per_scale = []
+        for sc in sorted(self.scales, reverse=True):
+            if sc == 1.0:
+                per_scale.append(self._regions_at(fmap, [im.shape[:2] for im in images], K, 1.0))
+                continue
+            xs, hw = _rescaled_batch(x, [im.shape[:2] for im in images], sc, s)
+            per_scale.append(self._regions_at(self.backbone.features(xs).float(), hw, K, sc))
+        boxes_px, scores, regions = [], [], []
+        for i in range(len(images)):
+            b = torch.cat([ps[0][i] for ps in per_scale])
+            sc_ = torch.cat([ps[1][i] for ps in per_scale])
+            r = torch.cat([ps[2][i] for ps in per_scale])
+            # One ranking over the pyramid, rank 0 = highest score at any scale (stable: on ties the larger scale
+            # first); the top K are kept, so K means the same with one scale or several.
+            order = torch.sort(sc_, descending=True, stable=True).indices[:K]
+            boxes_px.append(b[order])
+            scores.append(sc_[order])
+            regions.append(r[order])
 
         out = []
         for i, im in enumerate(images):
             fm = crops[i]
-            r = regions[i].float()
+            r = regions[i]
             rec = {
                 "global": self._global_feature(fm),
                 "spoc": D.spoc(fm),
@@ -194,6 +228,29 @@ class RegionModel:
             out.append(rec_np)
         log.debug("batch of %d: backbone %.3fs, regions+descriptors %.3fs", len(images), t1 - t0, time.perf_counter() - t1)
         return out
+
+
+def _rescaled_batch(x: torch.Tensor, hw: Sequence[tuple[int, int]], scale: float,
+                    stride: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Resize each image of a normalised, padded batch by ``scale`` (antialiased when shrinking) and pad them again.
+
+    Args:
+        x: (B, 3, H, W) normalised batch, padding = 0.
+        hw: each image's (height, width) inside x.
+        scale: resize factor.
+        stride: the backbone's stride (the new padded size is a multiple of it).
+
+    Returns:
+        The new batch and each image's new (height, width).
+    """
+    new_hw = [(max(1, round(h * scale)), max(1, round(w * scale))) for h, w in hw]
+    H = math.ceil(max(h for h, _ in new_hw) / stride) * stride
+    W = math.ceil(max(w for _, w in new_hw) / stride) * stride
+    out = x.new_zeros((x.shape[0], 3, H, W))
+    for i, ((h, w), (nh, nw)) in enumerate(zip(hw, new_hw)):
+        out[i, :, :nh, :nw] = F.interpolate(x[i : i + 1, :, :h, :w], size=(nh, nw), mode="bilinear",
+                                            align_corners=False, antialias=scale < 1)[0]
+    return out, new_hw
 
 
 def _valid_mask(images: Sequence[np.ndarray], H: int, W: int, device: torch.device) -> torch.Tensor:

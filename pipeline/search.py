@@ -64,7 +64,9 @@ class Searcher:
         if self._model is None:
             from pipeline.model import RegionModel
 
-            self._model = RegionModel(ModelConfig(**self.meta["model"]), storage_options=self.so)
+            # Indexes written before region pyramids existed described their corpus at one scale.
+            self._model = RegionModel(ModelConfig(**{"region_scales": "1", **self.meta["model"]}),
+                                      storage_options=self.so)
         return self._model
 
     def describe(self, image_uris: Sequence[str]) -> list[dict[str, np.ndarray]]:

@@ -91,10 +91,23 @@ def test_from_dict_rejects_bad_types_and_choices(key, value, match):
     ({"proposer": "rpn"}, "checkpoint"),
     ({"storage_options": "{not json"}, "not valid JSON"),
     ({"storage_options": "[1, 2]"}, "JSON object"),
+    ({"region_scales": "0"}, "region_scales"),
+    ({"region_scales": "0.7,abc"}, "not a number"),
+    ({"region_scales": "1,1.0"}, "repeated"),
+    ({"region_scales": "0.05"}, "under 32 pixels"),
+    ({"region_scales": "nan"}, "region_scales"),
+    ({"region_scales": ""}, "not a number"),
 ])
 def test_from_dict_rejects_values_outside_their_domain(changes, match):
     with pytest.raises(ConfigError, match=match):
         from_dict(ExtractConfig, {"output": "o", **changes})
+
+
+def test_region_scales_parse_sorted_from_the_command_line():
+    cfg = parse_args(ExtractConfig, ["--output", "o", "--region-scales", "1, 0.7"], "extract", "")
+    assert cfg.scales() == (0.7, 1.0)
+    assert ExtractConfig(output="o").scales() == (0.7, 1.0)
+    assert ExtractConfig(output="o", region_scales="1").scales() == (1.0,)
 
 
 def test_validate_also_guards_direct_construction_and_replace():

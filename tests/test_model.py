@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import roi_align
 
@@ -48,7 +50,8 @@ def run(model: RegionModel, decoded: list[Decoded]) -> list[dict[str, np.ndarray
 
 @pytest.fixture(scope="module")
 def model() -> RegionModel:
-    return RegionModel(ModelConfig(), device="cpu")
+    """One pyramid level (scale 1), so every region comes from the feature map the checks below recompute."""
+    return RegionModel(ModelConfig(region_scales="1"), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +213,66 @@ def test_vgg16_random_weights_gives_4096_d_descriptors() -> None:
         assert (out["boxes"][:, 2] <= d.width).all() and (out["boxes"][:, 3] <= d.height).all()
         s = out["regions"].astype(np.float64).sum(0)
         np.testing.assert_allclose(out["local"], s / max(np.abs(s).sum(), 1e-12), atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def pyramid(model: RegionModel) -> RegionModel:
+    """The default model with a second, half-size pyramid level for regions."""
+    return RegionModel(dataclasses.replace(model.config, region_scales="0.5,1"), device="cpu")
+
+
+def test_pyramid_keeps_the_top_k_of_both_levels(model: RegionModel, pyramid: RegionModel, mixed) -> None:
+    batch, single = mixed
+    outs = run(pyramid, batch)
+    K = model.config.regions
+    s = model.backbone.stride
+    H2 = math.ceil(max(round(d.array.shape[0] * 0.5) for d in batch) / s) * s
+    W2 = math.ceil(max(round(d.array.shape[1] * 0.5) for d in batch) / s) * s
+    n_half = 0
+    for d, one, multi in zip(batch, single, outs):
+        for key in ("global", "spoc", "mac", "rmac", "gem", "crow"):  # global descriptors come from scale 1 only
+            np.testing.assert_allclose(multi[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        assert len(one["boxes"]) <= len(multi["boxes"]) <= K
+        assert (np.diff(multi["scores"]) <= 0).all()
+        assert (multi["boxes"] >= 0).all()
+        assert (multi["boxes"][:, 0::2] <= d.width).all() and (multi["boxes"][:, 1::2] <= d.height).all()
+        s_ = multi["regions"].astype(np.float64).sum(0)
+        np.testing.assert_allclose(multi["local"], s_ / np.abs(s_).sum(), atol=1e-6, rtol=0)
+        # Each kept region is either one of the scale-1 model's regions, unchanged ...
+        kept_one, rest = [], []
+        for j in range(len(multi["boxes"])):
+            m = [i for i in range(len(one["boxes"])) if i not in kept_one
+                 and np.allclose(multi["boxes"][j], one["boxes"][i], atol=1e-3)
+                 and np.allclose(multi["regions"][j], one["regions"][i], atol=1e-5)]
+            (kept_one.append(m[0]) if m else rest.append(j))
+        # ... and a scale-1 region was dropped only for higher-scored ones (the top K of both levels).
+        dropped = [one["scores"][i] for i in range(len(one["boxes"])) if i not in kept_one]
+        if dropped:
+            assert len(multi["boxes"]) == K and max(dropped) <= multi["scores"].min() + 1e-6
+        # ... or GeM of RoI samples of the half-size image's own feature map (computed separately here).
+        if not rest:
+            continue
+        n_half += len(rest)
+        h, w = d.array.shape[:2]
+        nh, nw = round(h * 0.5), round(w * 0.5)
+        x = normalise(torch.from_numpy(d.array)[None], model.backbone)
+        canvas = torch.zeros(1, 3, H2, W2)
+        canvas[:, :, :nh, :nw] = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        with torch.inference_mode():
+            fm = model.backbone.features(canvas).float()
+        boxes = torch.from_numpy(multi["boxes"][rest]) * torch.tensor([w / d.width, h / d.height] * 2) * 0.5
+        want = pool_roi(roi_align(fm, [boxes], output_size=7, spatial_scale=1 / s, sampling_ratio=2, aligned=True), "gem")
+        err = np.linalg.norm(multi["regions"][rest] - want.numpy(), axis=1) / np.linalg.norm(want.numpy(), axis=1)
+        # Exact up to float noise, except boxes at the image's right or bottom edge: the level's size is rounded to
+        # whole pixels, and the stored box is clamped to the image, which moves such a RoI by under a pixel.
+        assert np.median(err) < 1e-5 and err.max() < 1e-2, err
+    assert n_half > 0, "the half-size level contributed no region to any image"
+
+
+def test_pyramid_batch_equals_one_by_one(pyramid: RegionModel, mixed) -> None:
+    batch, _ = mixed
+    outs = run(pyramid, batch)
+    for d, b in zip(batch, outs):
+        [alone] = run(pyramid, [d])
+        for key in ("boxes", "scores", "regions", "local"):
+            np.testing.assert_allclose(b[key], alone[key], rtol=1e-3, atol=1e-4, err_msg=key)

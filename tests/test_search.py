@@ -57,3 +57,11 @@ def test_search_cli_json(tiny_features, tiny_index):
 def test_unfinished_index_is_refused(tmp_path):
     with pytest.raises(Exception, match="no finished index"):
         Searcher(str(tmp_path))
+
+
+def test_query_model_follows_the_index_and_old_indexes_mean_one_scale(tiny_features, tiny_index):
+    s = Searcher(tiny_index)
+    assert s.model.config.region_scales == s.meta["model"]["region_scales"]
+    old = Searcher(tiny_index)
+    del old.meta["model"]["region_scales"]  # as written before region pyramids existed
+    assert old.model.scales == (1.0,)
