@@ -60,14 +60,15 @@ def dilated_tail(features: torch.nn.Module) -> torch.nn.Module:
     return tail.eval()
 
 
-def regions_desc(fm: torch.Tensor, stride: int, h: int, w: int, k: int, pool: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k activation regions of one map (C, hc, wc) -> (boxes in pixels, descriptors)."""
+def region_locals(fm: torch.Tensor, stride: int, h: int, w: int, k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Top-k activation regions of one map (C, hc, wc), proposed once -> (boxes in pixels, {pool: local feature}) for
+    GeM and MAC region descriptors (eq. 1-2 over the regions)."""
     cells, _ = activation_proposals(fm, k, nms_iou=0.5)
     b = cells * stride
     b[:, 0::2] = b[:, 0::2].clamp(0, w)
     b[:, 1::2] = b[:, 1::2].clamp(0, h)
     x = roi_align(fm[None], [b], output_size=7, spatial_scale=1.0 / stride, sampling_ratio=2, aligned=True)
-    return b, pool_roi(x, pool)
+    return b, {pool: D.sum_pool_l1(pool_roi(x, pool)) for pool in ("gem", "mac")}
 
 
 def _scorers(labels: np.ndarray, qrows: np.ndarray):
@@ -155,17 +156,14 @@ def main() -> None:
             put("global", D.spoc(f32))
             put("rmac", D.rmac(f32))
             put("gem", D.gem(f32))
-            boxes32, r = regions_desc(f32, 32, h, w, K, "gem")
-            put("s32_gem", D.sum_pool_l1(r))
-            _, r = regions_desc(f32, 32, h, w, K, "mac")
-            put("s32_mac", D.sum_pool_l1(r))
+            boxes32, loc = region_locals(f32, 32, h, w, K)
+            for pool, v in loc.items():
+                put(f"s32_{pool}", v)
             if a.s16:
                 f16 = tail16(mid)[0]
                 put("global16", D.spoc(f16))
-                _, r = regions_desc(f16, 16, h, w, K, "gem")
-                put("s16_gem", D.sum_pool_l1(r))
-                _, r = regions_desc(f16, 16, h, w, K, "mac")
-                put("s16_mac", D.sum_pool_l1(r))
+                for pool, v in region_locals(f16, 16, h, w, K)[1].items():
+                    put(f"s16_{pool}", v)
             if a.crops:
                 descs = []
                 for b in boxes32[: a.crops]:

@@ -139,8 +139,7 @@ class RegionModel:
                 scores.append(sc)
         else:
             for i, (h, w) in enumerate(hw):
-                fm = fmap[i, :, : max(1, math.ceil(h / s)), : max(1, math.ceil(w / s))]
-                cells, sc = activation_proposals(fm, k, nms_iou=self.config.nms_iou)
+                cells, sc = activation_proposals(_valid_cells(fmap[i], h, w, s), k, nms_iou=self.config.nms_iou)
                 b = cells * s
                 b[:, 0::2] = b[:, 0::2].clamp(0, w)
                 b[:, 1::2] = b[:, 1::2].clamp(0, h)
@@ -179,16 +178,16 @@ class RegionModel:
         t1 = time.perf_counter()
 
         K = self.config.regions
-        crops = [fmap[i, :, : max(1, math.ceil(im.shape[0] / s)), : max(1, math.ceil(im.shape[1] / s))]
-                 for i, im in enumerate(images)]
+        hw = [im.shape[:2] for im in images]
+        crops = [_valid_cells(fmap[i], h, w, s) for i, (h, w) in enumerate(hw)]
         # Regions at each scale of the pyramid (scale 1 reuses the forward pass above), boxes in max_side pixels.
         per_scale = []
         for sc in sorted(self.scales, reverse=True):
             if sc == 1.0:
-                per_scale.append(self._regions_at(fmap, [im.shape[:2] for im in images], K, 1.0))
+                per_scale.append(self._regions_at(fmap, hw, K, 1.0))
                 continue
-            xs, hw = _rescaled_batch(x, [im.shape[:2] for im in images], sc, s)
-            per_scale.append(self._regions_at(self.backbone.features(xs).float(), hw, K, sc))
+            xs, hw_sc = _rescaled_batch(x, hw, sc, s)
+            per_scale.append(self._regions_at(self.backbone.features(xs).float(), hw_sc, K, sc))
         boxes_px, scores, regions = [], [], []
         for i in range(len(images)):
             b = torch.cat([ps[0][i] for ps in per_scale])
@@ -228,6 +227,11 @@ class RegionModel:
             out.append(rec_np)
         log.debug("batch of %d: backbone %.3fs, regions+descriptors %.3fs", len(images), t1 - t0, time.perf_counter() - t1)
         return out
+
+
+def _valid_cells(fm: torch.Tensor, h: int, w: int, stride: int) -> torch.Tensor:
+    """The part (C, ceil(h/stride), ceil(w/stride)) of one padded feature map (C, H', W') that covers an h x w image."""
+    return fm[:, : max(1, math.ceil(h / stride)), : max(1, math.ceil(w / stride))]
 
 
 def _rescaled_batch(x: torch.Tensor, hw: Sequence[tuple[int, int]], scale: float,

@@ -53,18 +53,9 @@ def version_url(root: str, version: str) -> str:
     return storage.join(root, VERSIONS, version)
 
 
-def _fs(url: str, so: dict[str, Any] | None) -> tuple[Any, str]:
-    """Filesystem and path, with fsspec's listing cache of that path dropped (other processes write here)."""
-    fs, path = storage.url_to_fs(url, so)
-    try:
-        fs.invalidate_cache(path)
-    except Exception:  # noqa: BLE001 - a cache that cannot be dropped is not an error
-        pass
-    return fs, path
-
-
 def _exists(url: str, so: dict[str, Any] | None) -> bool:
-    fs, path = _fs(url, so)
+    # storage.url_to_fs never caches remote listings, so a version another process just wrote is seen.
+    fs, path = storage.url_to_fs(url, so)
     return bool(fs.exists(path))
 
 
@@ -78,7 +69,7 @@ def list_versions(root: str, storage_options: dict[str, Any] | None = None) -> l
     Returns:
         (version name, complete) pairs; complete means the build's done-marker exists.
     """
-    fs, vdir = _fs(storage.join(root, VERSIONS), storage_options)
+    fs, vdir = storage.url_to_fs(storage.join(root, VERSIONS), storage_options)
     if not fs.exists(vdir):
         return []
     names = sorted(n for n in (posixpath.basename(p.rstrip("/")) for p in fs.ls(vdir, detail=False))
