@@ -20,7 +20,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends wget && rm -rf 
 # Dependencies first (cached layer), then the code. Ray pinned to RAY_VERSION; its extras come from pyproject.toml.
 COPY pyproject.toml README.md ./
 COPY pipeline/ pipeline/
-RUN pip install '.' "ray==${RAY_VERSION}" && python -m pipeline.weights install
+RUN pip install '.' "ray==${RAY_VERSION}" && python -m pipeline.model.weights install
 COPY jobs/ jobs/
 COPY cluster/ cluster/
 COPY data/ data/

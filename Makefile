@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 weights: setup
-	$(PY) -m pipeline.weights check >/dev/null 2>&1 || $(PY) -m pipeline.weights install
+	$(PY) -m pipeline.model.weights check >/dev/null 2>&1 || $(PY) -m pipeline.model.weights install
 
 demo: weights
 	$(PY) jobs/extract.py --output $(DEMO)/features

@@ -2,7 +2,7 @@
 
 For a corpus and for the 10x corpus (data/caltech8's 80 images replicated under distinct names), it prints images/s of
 
-- ``ray``:  ``pipeline.distributed.run_ray`` end to end (listing, actor start and model load, decode tasks, batched
+- ``ray``:  ``pipeline.extract.ray_runner.run_ray`` end to end (listing, actor start and model load, decode tasks, batched
   inference, Parquet writes, done-markers, manifest), timed around the call;
 - ``bare``: one process, no Ray, no output: decode_image + RegionModel in batches over the same images, with the same
   max_side, batch size, size-sorted batches per shard-sized chunk, and the same torch thread count (model load
@@ -34,8 +34,12 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from pipeline import storage  # noqa: E402
 from pipeline.config import SAMPLE_DATA, ExtractConfig, from_dict  # noqa: E402
+from pipeline.io import (
+    listing,
+    storage,  # noqa: E402
+)
+from pipeline.store import feature_store as fstore
 
 MiB = 1024 * 1024
 
@@ -186,14 +190,14 @@ def bare_loop(cfg: ExtractConfig, threads: int) -> dict[str, float]:
     """Decode + model in batches in this process: the work of the job without Ray and without writing output."""
     import torch
 
-    from pipeline.images import decode_image
-    from pipeline.model import RegionModel
+    from pipeline.io.images import decode_image
+    from pipeline.model.region_model import RegionModel
 
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
     model = RegionModel(cfg.model_config(), threads=threads)
     t_model = time.perf_counter()
-    records = storage.list_images(cfg.input)
+    records = listing.list_images(cfg.input)
     decode_s = infer_s = 0.0
     n_ok = 0
     for c in range(0, len(records), cfg.shard_size):
@@ -214,14 +218,14 @@ def bare_loop(cfg: ExtractConfig, threads: int) -> dict[str, float]:
 
 
 def ray_job(cfg: ExtractConfig) -> dict[str, Any]:
-    from pipeline.distributed import run_ray
+    from pipeline.extract.ray_runner import run_ray
 
     t0 = time.perf_counter()
     manifest = run_ray(cfg, progress_every_s=30.0)
     wall = time.perf_counter() - t0
     run = manifest["run"]
     assert run["images"] == run["ok"], run["statuses"]
-    markers = storage.read_done_markers(cfg.output)
+    markers = fstore.read_done_markers(cfg.output)
     first = min(markers, key=lambda m: m["finished"])
     first_done = first["finished"] - manifest["finished"] + wall  # seconds from the call to the first done shard
     # After the first shard the actor is up and the pipeline is full: the rate that a larger corpus converges to.

@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import ExtractConfig, ModelConfig  # noqa: E402
-from pipeline.extract import run_local  # noqa: E402
-from pipeline.images import decode_image  # noqa: E402
-from pipeline.model import RegionModel  # noqa: E402
+from pipeline.extract.worker import run_local  # noqa: E402
+from pipeline.io.images import decode_image  # noqa: E402
+from pipeline.model.region_model import RegionModel  # noqa: E402
 
 
 def main() -> int:

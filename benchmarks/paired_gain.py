@@ -18,11 +18,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import datasets as ds  # noqa: E402
-from pipeline import evaluate as ev  # noqa: E402
-from pipeline.benchmark import load_corpus, method_vectors, rank_all  # noqa: E402
+from pipeline.bench import datasets as ds  # noqa: E402
+from pipeline.bench import metrics as ev  # noqa: E402
+from pipeline.bench.runner import load_corpus, method_vectors, rank_all  # noqa: E402
 from pipeline.config import BenchmarkConfig  # noqa: E402
-from pipeline.fusion import l2n  # noqa: E402
+from pipeline.reduce.pca import l2n  # noqa: E402
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import random
 import sys
 import time
@@ -35,16 +34,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import datasets as ds  # noqa: E402
-from pipeline import descriptors as D  # noqa: E402
-from pipeline import evaluate as ev  # noqa: E402
-from pipeline.backbones import build_backbone, normalise  # noqa: E402
-from pipeline.benchmark import rank_all  # noqa: E402
-from pipeline.fusion import PCA, fuse, l2n  # noqa: E402
-from pipeline.images import decode_image  # noqa: E402
-from pipeline.proposals import activation_proposals  # noqa: E402
-from pipeline.recognition import pool_roi  # noqa: E402
 from torchvision.ops import roi_align  # noqa: E402
+
+from pipeline.bench import datasets as ds  # noqa: E402
+from pipeline.bench import metrics as ev  # noqa: E402
+from pipeline.bench.runner import rank_all  # noqa: E402
+from pipeline.io.images import decode_image  # noqa: E402
+from pipeline.model import descriptors as D  # noqa: E402
+from pipeline.model.backbones import build_backbone, normalise  # noqa: E402
+from pipeline.model.proposals import activation_proposals  # noqa: E402
+from pipeline.model.recognition import pool_roi  # noqa: E402
+from pipeline.reduce.pca import PCA, fuse, l2n  # noqa: E402
 
 
 def dilated_tail(features: torch.nn.Module) -> torch.nn.Module:

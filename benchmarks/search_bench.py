@@ -14,9 +14,9 @@ import numpy as np
 # Runnable as a plain script from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.fusion import l2n  # noqa: E402
-from pipeline.index import build_index, choose_factory, search, set_search_params  # noqa: E402
-from pipeline.rerank import region_rerank  # noqa: E402
+from pipeline.reduce.faiss_index import build_index, choose_factory, search, set_search_params  # noqa: E402
+from pipeline.reduce.pca import l2n  # noqa: E402
+from pipeline.retrieval.rerank import region_rerank  # noqa: E402
 
 # Rows generated per step, so building the (N*K, D) region store never needs a float64 or float32
 # copy of the whole thing.

@@ -11,7 +11,7 @@ import sys
 
 import _common
 
-from pipeline.benchmark import run
+from pipeline.bench.runner import run
 from pipeline.config import SAMPLE_DATA, BenchmarkConfig, parse_args
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import _common
 
+from pipeline.bench.report import draw_regions_sheet, save_png
 from pipeline.config import BACKBONES, PROPOSERS, ConfigError, ModelConfig
-from pipeline.images import decode_image
-from pipeline.model import RegionModel
-from pipeline.report import draw_regions_sheet, save_png
-from pipeline.storage import IMAGE_EXTS
+from pipeline.io.images import decode_image
+from pipeline.io.listing import IMAGE_EXTS
+from pipeline.model.region_model import RegionModel
 
 log = logging.getLogger("draw_regions")
 

@@ -12,10 +12,10 @@ import sys
 
 import _common  # noqa: F401  (puts the checkout on sys.path)
 
-from pipeline.config import SAMPLE_DATA, ConfigError, ExtractConfig, parse_args, parse_storage_options
-from pipeline.distributed import init_ray, run_ray
-from pipeline.extract import preflight, run_local
-from pipeline.storage import StorageError
+from pipeline.config import SAMPLE_DATA, ConfigError, ExtractConfig, parse_args
+from pipeline.extract.ray_runner import init_ray, run_ray
+from pipeline.extract.worker import preflight, run_local
+from pipeline.io.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     _common.setup_logging()
     _common.log_config("extract", cfg)
     try:
-        preflight(cfg, parse_storage_options(cfg.storage_options))  # unreachable input / unwritable output: before Ray
+        preflight(cfg, cfg.fs_options)  # unreachable input / unwritable output: before Ray
         if cfg.in_process:
             manifest = run_local(cfg)
         else:

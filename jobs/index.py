@@ -11,7 +11,7 @@ import sys
 import _common
 
 from pipeline.config import IndexConfig, parse_args
-from pipeline.reduce import build
+from pipeline.reduce.build import build
 
 
 def main(argv: list[str] | None = None) -> int:

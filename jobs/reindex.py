@@ -19,10 +19,10 @@ from typing import Any
 
 import _common
 
-from pipeline import publish as pub
-from pipeline.config import ConfigError, ExtractConfig, IndexConfig, ModelConfig, parse_args, parse_storage_options
+from pipeline.config import ConfigError, ExtractConfig, HasStorage, IndexConfig, ModelConfig, parse_args
 from pipeline.config import build_parser as _build_parser
-from pipeline.storage import StorageError
+from pipeline.io.storage import StorageError
+from pipeline.store import versions as pub
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:
@@ -85,7 +85,7 @@ ReindexConfig = dataclasses.make_dataclass(
      for f in _EXTRACT_ONLY]
     + [(f.name, _INDEX_HINTS[f.name], _field(f)) for f in _INDEX_ONLY]
     + [(name, typ, fld) for name, (typ, fld) in _OWN.items()],
-    bases=(ModelConfig,), frozen=True,
+    bases=(ModelConfig, HasStorage), frozen=True,
     namespace={"validate": _validate, "extract_config": _extract_config, "index_config": _index_config,
                "__doc__": "`jobs/reindex.py`: the extraction's and the index build's options, plus the root's."},
 )
@@ -99,12 +99,12 @@ def build_parser():  # noqa: ANN201 - argparse.ArgumentParser
 
 def _extract(ecfg: ExtractConfig, so: dict[str, Any]) -> dict[str, Any]:
     """The incremental extraction, on Ray (the cluster in RAY_ADDRESS, or a local instance) or in this process."""
-    from pipeline.extract import preflight, run_local
+    from pipeline.extract.worker import preflight, run_local
 
     preflight(ecfg, so)
     if ecfg.in_process:
         return run_local(ecfg)
-    from pipeline.distributed import init_ray, run_ray
+    from pipeline.extract.ray_runner import init_ray, run_ray
 
     init_ray()
     return run_ray(ecfg)
@@ -120,9 +120,9 @@ def reindex(cfg: Any) -> dict[str, Any]:
     Returns:
         A summary: the pointer, what the extraction did, the build's counts, the versions pruned.
     """
-    from pipeline.reduce import build
+    from pipeline.reduce.build import build
 
-    so = parse_storage_options(cfg.storage_options)
+    so = cfg.fs_options
     ecfg = cfg.extract_config()
     manifest = _extract(ecfg, so)
     run = manifest["run"]
@@ -155,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     _common.log_config("reindex", cfg)
     try:
         if cfg.rollback:
-            out: dict[str, Any] = {"root": cfg.root, "current": pub.rollback(cfg.root, parse_storage_options(
-                cfg.storage_options))}
+            out: dict[str, Any] = {"root": cfg.root, "current": pub.rollback(cfg.root, cfg.fs_options)}
         else:
             out = reindex(cfg)
     except (StorageError, ConfigError, pub.PublishError) as e:

@@ -12,16 +12,16 @@ import sys
 
 import _common
 
-from pipeline.config import SearchConfig, parse_args, parse_storage_options
-from pipeline.publish import resolve_index
-from pipeline.report import markdown_table
-from pipeline.search import Searcher
+from pipeline.bench.report import markdown_table
+from pipeline.config import SearchConfig, parse_args
+from pipeline.retrieval.search import Searcher
+from pipeline.store.versions import resolve_index
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(SearchConfig, argv, "jobs/search.py", __doc__.splitlines()[0])
     _common.setup_logging()
-    so = parse_storage_options(cfg.storage_options)
+    so = cfg.fs_options
     searcher = Searcher(resolve_index(cfg.index, so), so)  # a re-index root: the version its CURRENT names
     hits = searcher.search([cfg.image], top_k=cfg.top_k, rerank=cfg.rerank, qe=cfg.qe, space=cfg.space)[0]
     rows = [dataclasses.asdict(h) for h in hits]

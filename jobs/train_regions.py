@@ -16,9 +16,9 @@ import sys
 import _common  # noqa: F401  (puts the checkout on sys.path)
 
 from pipeline.config import ConfigError, parse_args
-from pipeline.distributed import init_ray
-from pipeline.storage import StorageError
-from pipeline.train import TrainConfig, fit, prepare_data, summary
+from pipeline.densecap.train import TrainConfig, fit, prepare_data, summary
+from pipeline.extract.ray_runner import init_ray
+from pipeline.io.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> int:

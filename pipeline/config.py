@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -33,6 +34,22 @@ def _opt(default: Any, help: str, **meta: Any) -> Any:
 
 class ConfigError(ValueError):
     """A config value or key is invalid."""
+
+
+def storage_field() -> Any:
+    """The ``storage_options`` field every job config that touches storage has (JSON text, a secret)."""
+    return _opt("", "JSON of fsspec storage options (never logged)")
+
+
+class HasStorage:
+    """Mixin for configs with a ``storage_options`` field: ``fs_options`` is it parsed, once per config object."""
+
+    storage_options: str
+
+    @functools.cached_property
+    def fs_options(self) -> dict[str, Any]:
+        """The parsed storage options (validated: a ConfigError when they are not a JSON object)."""
+        return self.fs_options
 
 
 def _check_choices(cfg: Any) -> None:
@@ -110,7 +127,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class ExtractConfig(ModelConfig):
+class ExtractConfig(ModelConfig, HasStorage):
     """`jobs/extract.py`: images under --input -> Parquet features under --output."""
 
     input: str = _opt("", "directory/prefix URL of images, or a manifest (.parquet/.csv); default: the embedded sample")
@@ -125,7 +142,7 @@ class ExtractConfig(ModelConfig):
     prefetch: int = _opt(2, "decoded shards in flight per actor (pipelining decode with inference)")
     float16: bool = _opt(False, "store vectors as float16 (half the bytes)")
     max_pixels: int = _opt(89_478_485, "refuse images with more pixels (decompression bombs)")
-    storage_options: str = _opt("", "JSON of fsspec storage options (never logged)")
+    storage_options: str = storage_field()
     in_process: bool = _opt(False, "run in this process without Ray (single machine, debugging)")
 
     def validate(self) -> None:
@@ -141,7 +158,7 @@ class ExtractConfig(ModelConfig):
             raise ConfigError(f"num_gpus must be -1 (auto) or >= 0, got {self.num_gpus}")
         if self.max_pixels < 1:
             raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
-        parse_storage_options(self.storage_options)
+        self.fs_options  # noqa: B018 - parses (and caches) the options: a ConfigError now, not mid-run
 
     def model_config(self) -> ModelConfig:
         """The model part of this config."""
@@ -150,7 +167,7 @@ class ExtractConfig(ModelConfig):
 
 
 @dataclass(frozen=True)
-class IndexConfig:
+class IndexConfig(HasStorage):
     """`jobs/index.py`: Parquet features -> PCA + faiss indexes."""
 
     features: str = _opt("", "URL of an extraction output", required=True)
@@ -163,7 +180,7 @@ class IndexConfig:
     memory_budget_gb: float = _opt(8.0, "memory budget for each index, GiB")
     nprobe: int = _opt(32, "IVF lists visited per query (saved in the index)")
     ef_search: int = _opt(128, "HNSW search queue size (saved in the index)")
-    storage_options: str = _opt("", "JSON of fsspec storage options (never logged)")
+    storage_options: str = storage_field()
 
     def validate(self) -> None:
         _check_finite(self)
@@ -172,11 +189,11 @@ class IndexConfig:
         if self.pca_dim < 1 or self.pca_sample < 1 or self.memory_budget_gb <= 0 or self.local_weight < 0 \
                 or self.nprobe < 1 or self.ef_search < 1:
             raise ConfigError("pca_dim, pca_sample, memory_budget_gb must be > 0 and local_weight >= 0")
-        parse_storage_options(self.storage_options)
+        self.fs_options  # noqa: B018 - parses (and caches) the options: a ConfigError now, not mid-run
 
 
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(HasStorage):
     """`jobs/search.py`: one query image against a built index."""
 
     index: str = _opt("", "URL of an index output (jobs/index.py)", required=True)
@@ -186,7 +203,7 @@ class SearchConfig:
     qe: int = _opt(0, "average query expansion with the top-k; 0 = off")
     space: str = _opt("fused", "which index to search: fused (paper 2.4) or crow (2.5)", choices=("fused", "crow"))
     json: bool = _opt(False, "print JSON instead of a table")
-    storage_options: str = _opt("", "JSON of fsspec storage options (never logged)")
+    storage_options: str = storage_field()
 
     def validate(self) -> None:
         _check_choices(self)
@@ -194,11 +211,11 @@ class SearchConfig:
             raise ConfigError("--index and --image are required")
         if self.top_k < 1 or self.rerank < 0 or self.qe < 0:
             raise ConfigError("top_k must be >= 1; rerank and qe >= 0")
-        parse_storage_options(self.storage_options)
+        self.fs_options  # noqa: B018 - parses (and caches) the options: a ConfigError now, not mid-run
 
 
 @dataclass(frozen=True)
-class BenchmarkConfig(ModelConfig):
+class BenchmarkConfig(ModelConfig, HasStorage):
     """`jobs/benchmark.py`: a retrieval protocol over a dataset -> report.json + Markdown table + pictures."""
 
     dataset: str = _opt("", "dataset root directory; default: the embedded sample")
@@ -218,7 +235,7 @@ class BenchmarkConfig(ModelConfig):
     seed: int = _opt(0, "seed of the random query sample")
     batch_size: int = _opt(16, "images per forward pass when extracting")
     shard_size: int = _opt(256, "images per shard when extracting")
-    storage_options: str = _opt("", "JSON of fsspec storage options (never logged)")
+    storage_options: str = storage_field()
 
     def validate(self) -> None:
         super().validate()
@@ -226,7 +243,7 @@ class BenchmarkConfig(ModelConfig):
             raise ConfigError("--report is required")
         if self.k < 1 or self.rerank < 0 or self.qe < 0 or self.pca_dim < 1:
             raise ConfigError("k, pca_dim must be >= 1; rerank, qe >= 0")
-        parse_storage_options(self.storage_options)
+        self.fs_options  # noqa: B018 - parses (and caches) the options: a ConfigError now, not mid-run
 
     def model_config(self) -> ModelConfig:
         """The model part of this config."""

@@ -11,7 +11,6 @@ import pyarrow as pa
 GLOBAL_KINDS = ("global", "spoc", "mac", "rmac", "gem", "crow")
 VECTOR_COLUMNS = GLOBAL_KINDS + ("local",)
 
-STATUS_OK = "ok"
 
 
 def _vec(dim: int, float16: bool) -> pa.DataType:

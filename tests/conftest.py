@@ -88,7 +88,7 @@ def tiny_features(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     import shutil
 
     from pipeline.config import ExtractConfig
-    from pipeline.extract import run_local
+    from pipeline.extract.worker import run_local
 
     src = tmp_path_factory.mktemp("tiny_images")
     rows = ["path,label"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import weights
-from pipeline.backbones import REGISTRY, Backbone, WeightsUnavailable, build_backbone, normalise
 from pipeline.config import BACKBONES
+from pipeline.model import weights
+from pipeline.model.backbones import REGISTRY, Backbone, WeightsUnavailable, build_backbone, normalise
 
 # name -> (stride, channels, descriptor_dim, random weights?): MobileNetV2's ImageNet file is installed offline.
 EXPECTED = {

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline import benchmark as bm
+from pipeline.bench import runner as bm
 from pipeline.config import BenchmarkConfig, from_dict
 
 
@@ -54,7 +53,7 @@ def test_category_protocol_excludes_query_and_matches_manual(tiny_features, tmp_
 
 
 def _paths_labels(root: str):
-    from pipeline.datasets import load_labelled_set
+    from pipeline.bench.datasets import load_labelled_set
 
     s = load_labelled_set(root)
     return s.paths, s.label_array()

@@ -8,7 +8,7 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 pytest.importorskip("faiss")
 
-from pipeline.bow import BowModel, extract_sift_many, sift_descriptors  # noqa: E402
+from pipeline.bench.bow import BowModel, extract_sift_many, sift_descriptors  # noqa: E402
 
 SIZE = 160
 N_CLASSES = 6

@@ -274,7 +274,7 @@ def test_jobs_end_to_end_through_ray_job_submit(cluster: LocalCluster, tmp_path:
     The dataset path is relative (``data/caltech8``): it resolves inside the uploaded working dir. The head has no
     CPUs, so every decode task and model actor ran on the worker nodes.
     """
-    from pipeline import storage
+    from pipeline.store import feature_store as fstore
 
     features, index, report = tmp_path / "features", tmp_path / "index", tmp_path / "report"
     out = _check(cluster.submit(["python", "jobs/extract.py", "--input", "data/caltech8", "--output", str(features),
@@ -282,7 +282,7 @@ def test_jobs_end_to_end_through_ray_job_submit(cluster: LocalCluster, tmp_path:
     manifest = json.loads((features / "manifest.json").read_text())
     assert manifest["run"]["images"] == 80 and manifest["run"]["ok"] == 80 and manifest["live_images"] == 80
     assert manifest["config"]["input"] == "data/caltech8" and '"ok": 80' in out
-    ids = storage.read_live_table(str(features), "images", columns=["status"]).column("image_id").to_pylist()
+    ids = fstore.read_live_table(str(features), "images", columns=["status"]).column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 80
 
     _check(cluster.submit(["python", "jobs/index.py", "--features", str(features), "--output", str(index)]), "index")
@@ -303,8 +303,8 @@ def test_jobs_end_to_end_through_ray_job_submit(cluster: LocalCluster, tmp_path:
 def test_scheduled_reindex_through_ray_job_submit(cluster: LocalCluster, tmp_path: Path) -> None:
     """What the CronJob runs (cluster/kuberay/reindex-cronjob.yaml): jobs/reindex.py submitted to the cluster,
     extraction on its workers, the index build in the driver, CURRENT published last."""
-    from pipeline import publish
-    from pipeline.search import Searcher
+    from pipeline.retrieval.search import Searcher
+    from pipeline.store import versions as publish
 
     images, root = tmp_path / "images", tmp_path / "live"
     for cls in sorted(p for p in SAMPLE.iterdir() if p.is_dir()):
@@ -323,7 +323,7 @@ def test_extraction_survives_losing_a_node(cluster: LocalCluster, tmp_path: Path
     """Kill the node running the model actor while an extraction runs: the job still completes (Ray restarts the
     actor on the surviving node and the driver resubmits the shards that died with it), or, should it fail, the same
     command run again completes it. Either way every image is there exactly once."""
-    from pipeline import storage
+    from pipeline.store import feature_store as fstore
 
     features = tmp_path / "features"
     cmd = ["python", "jobs/extract.py", "--input", str(SAMPLE), "--output", str(features), *TINY]
@@ -333,7 +333,7 @@ def test_extraction_survives_losing_a_node(cluster: LocalCluster, tmp_path: Path
     assert r.returncode == 0, r.stdout + r.stderr
 
     def done_shards() -> int:
-        d = features / storage.DONE_DIR
+        d = features / fstore.DONE_DIR
         return len(list(d.glob("*.json"))) if d.exists() else 0
 
     cluster.wait_for(lambda: done_shards() >= 2 or cluster.job(sid).get("status") in ("SUCCEEDED", "FAILED"), 240,
@@ -356,7 +356,7 @@ def test_extraction_survives_losing_a_node(cluster: LocalCluster, tmp_path: Path
     if info["status"] != "SUCCEEDED":  # the documented fallback: rerun the same command, it resumes
         _check(cluster.submit(cmd), f"rerun after {info['status']}: {info.get('message', '')[-2000:]}")
 
-    ids = storage.read_live_table(str(features), "images", columns=["status"]).column("image_id").to_pylist()
+    ids = fstore.read_live_table(str(features), "images", columns=["status"]).column("image_id").to_pylist()
     expected = sorted(str(p.relative_to(SAMPLE)) for p in SAMPLE.rglob("*.jpg"))
     assert len(ids) == len(set(ids)), "an image is there twice"
     assert sorted(ids) == expected, f"missing: {sorted(set(expected) - set(ids))[:5]}"

@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import re
 import shlex
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import yaml
-
-from pipeline.config import (BenchmarkConfig, ConfigError, ExtractConfig, IndexConfig, SearchConfig, build_parser,
-                             from_dict, parse_args)
 from _jobs import load_job
+
+from pipeline.config import (
+    BenchmarkConfig,
+    ConfigError,
+    ExtractConfig,
+    IndexConfig,
+    SearchConfig,
+    build_parser,
+    from_dict,
+    parse_args,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

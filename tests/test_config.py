@@ -22,7 +22,6 @@ from pipeline.config import (
     config_hash,
     from_dict,
     parse_args,
-    parse_storage_options,
     public_dict,
 )
 
@@ -196,7 +195,7 @@ def test_public_dict_redacts_secret_fields():
     assert SECRET not in json.dumps(d) and SECRET not in config_hash(cfg)
     assert d["output"] == "o" and d["max_side"] == cfg.max_side
     assert public_dict(ExtractConfig(output="o"))["storage_options"] == ""  # nothing to hide stays visible
-    assert parse_storage_options(cfg.storage_options)["secret"] == SECRET  # the real value is still usable
+    assert cfg.fs_options["secret"] == SECRET  # the real value is still usable
 
 
 def test_errors_about_secret_fields_do_not_echo_the_value(capsys):

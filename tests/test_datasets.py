@@ -1,4 +1,4 @@
-"""Tests for pipeline.datasets: labelled sets, query lists, Oxford gt files (real ones too), safe gnd pickles."""
+"""Tests for pipeline.bench.datasets: labelled sets, query lists, Oxford gt files (real ones too), safe gnd pickles."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.datasets import (
+from pipeline.bench.datasets import (
     IMAGE_EXTS,
     LabelledSet,
     SafeUnpickler,

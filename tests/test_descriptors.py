@@ -1,4 +1,4 @@
-"""Tests for pipeline.descriptors: every pooling formula against a plain-numpy implementation written here."""
+"""Tests for pipeline.model.descriptors: every pooling formula against a plain-numpy implementation written here."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.descriptors import crow, gem, l2n, mac, rmac, rmac_regions, spoc, sum_pool_l1
+from pipeline.model.descriptors import crow, gem, l2n, mac, rmac, rmac_regions, spoc, sum_pool_l1
 
 # (C, H, W): square, H != W both ways, 1x1, a single row, an extreme aspect ratio.
 SHAPES = [(8, 5, 5), (16, 7, 10), (6, 10, 3), (4, 1, 1), (5, 1, 9), (3, 2, 32), (12, 13, 17)]

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.bench.report import RANK_COLOURS, draw_regions_sheet
 from pipeline.config import SAMPLE_DATA
-from pipeline.report import RANK_COLOURS, draw_regions_sheet
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.evaluate: every metric against a literal loop reference and hand-computed cases."""
+"""Tests for pipeline.bench.metrics: every metric against a literal loop reference and hand-computed cases."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.evaluate import (
+from pipeline.bench.metrics import (
     average_precision,
     labels_eval,
     oxford_map,

@@ -1,4 +1,4 @@
-"""Tests for pipeline.extract, pipeline.distributed and jobs/extract.py: planning, bad input as rows, crash-resume and
+"""Tests for pipeline.extract.worker, pipeline.extract.ray_runner and jobs/extract.py: planning, bad input as rows, crash-resume and
 incremental reruns without duplicates or losses, fail-fast checks, secrets, and end to end on a local Ray instance
 against a temp dir and S3 (moto on loopback), compared with a direct in-process RegionModel call."""
 
@@ -22,10 +22,12 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline import extract, storage
-from pipeline import images as imgs
 from pipeline.config import ConfigError, ExtractConfig, ModelConfig, config_hash, from_dict
-from pipeline.schema import GLOBAL_KINDS, VECTOR_COLUMNS, column_to_numpy, images_schema, regions_schema
+from pipeline.extract import worker as extract
+from pipeline.io import images as imgs
+from pipeline.io import listing, storage
+from pipeline.schema import VECTOR_COLUMNS, column_to_numpy, images_schema, regions_schema
+from pipeline.store import feature_store as fstore
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "caltech8"
@@ -62,7 +64,7 @@ def corpus(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def model():
     """The model the job builds, built here in-process (the reference for the job's output)."""
-    from pipeline.model import RegionModel
+    from pipeline.model.region_model import RegionModel
 
     return RegionModel(ModelConfig(**SMALL), device="cpu", threads=1)
 
@@ -83,7 +85,7 @@ def _files(root: Path, ids: list[str]) -> dict[str, bytes]:
 
 def _assert_matches(output: str, ref: dict[str, dict[str, np.ndarray]], so: dict | None = None) -> None:
     """The Parquet read back equals the reference model outputs (1e-4), each image exactly once."""
-    images = storage.read_live_table(output, "images", so)
+    images = fstore.read_live_table(output, "images", so)
     ids = sorted(ref)
     assert images.column("image_id").to_pylist() == ids
     assert set(images.column("status").to_pylist()) == {"ok"}
@@ -95,7 +97,7 @@ def _assert_matches(output: str, ref: dict[str, dict[str, np.ndarray]], so: dict
         got = column_to_numpy(images, k)
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, np.stack([ref[i][k] for i in ids]), rtol=1e-4, atol=1e-4, err_msg=k)
-    regions = storage.read_live_table(output, "regions", so)
+    regions = fstore.read_live_table(output, "regions", so)
     want_pairs = [(i, r) for i in ids for r in range(len(ref[i]["scores"]))]
     assert list(zip(regions.column("image_id").to_pylist(), regions.column("rank").to_pylist())) == want_pairs
     for col, key in (("box", "boxes"), ("score", "scores"), ("descriptor", "regions")):
@@ -105,9 +107,9 @@ def _assert_matches(output: str, ref: dict[str, dict[str, np.ndarray]], so: dict
 
 
 def _assert_exactly_once(output: str, ids: list[str], so: dict | None = None, regions_per_ok: int = 3) -> pa.Table:
-    images = storage.read_live_table(output, "images", so)
+    images = fstore.read_live_table(output, "images", so)
     assert images.column("image_id").to_pylist() == sorted(ids)
-    regions = storage.read_live_table(output, "regions", so, columns=["rank"])
+    regions = fstore.read_live_table(output, "regions", so, columns=["rank"])
     pairs = list(zip(regions.column("image_id").to_pylist(), regions.column("rank").to_pylist()))
     assert len(pairs) == len(set(pairs))
     ok = [i for i, s in zip(images.column("image_id").to_pylist(), images.column("status").to_pylist()) if s == "ok"]
@@ -116,7 +118,7 @@ def _assert_exactly_once(output: str, ids: list[str], so: dict | None = None, re
 
 
 def _processed_ids(output: str, generation: int, so: dict | None = None) -> list[str]:
-    return sorted(i for m in storage.read_done_markers(output, so) if m["generation"] == generation
+    return sorted(i for m in fstore.read_done_markers(output, so) if m["generation"] == generation
                   and m["kind"] == "data" for i, _ in m["images"])
 
 
@@ -145,11 +147,11 @@ class FakeModel:
         return out
 
 
-def _records(n: int, fp: str = "f") -> list[storage.ImageRecord]:
-    return [storage.ImageRecord(f"img{i:02d}", f"file:///x/img{i:02d}", fp) for i in range(n)]
+def _records(n: int, fp: str = "f") -> list[listing.ImageRecord]:
+    return [listing.ImageRecord(f"img{i:02d}", f"file:///x/img{i:02d}", fp) for i in range(n)]
 
 
-def _data_marker(sid: str, recs: list[storage.ImageRecord], retry: tuple[str, ...] = ()) -> dict:
+def _data_marker(sid: str, recs: list[listing.ImageRecord], retry: tuple[str, ...] = ()) -> dict:
     return {"shard": sid, "generation": int(sid[1:6]), "kind": "data",
             "images": [[r.image_id, r.fingerprint] for r in recs], "retry": list(retry)}
 
@@ -170,7 +172,7 @@ def test_plan_shards_fresh_resumed_and_incremental():
     assert [r.image_id for s in plan.shards for r in s.records] == [r.image_id for r in recs[3:]]
     # Incremental: changed fingerprints, new ids, vanished ids, and transient read errors.
     markers = [_data_marker("g00001-000000", recs[:4], retry=("img03",)), _data_marker("g00001-000001", recs[4:7])]
-    now = [*recs[:1], storage.ImageRecord("img01", recs[1].uri, "changed"), *recs[2:5], *_records(9)[7:]]
+    now = [*recs[:1], listing.ImageRecord("img01", recs[1].uri, "changed"), *recs[2:5], *_records(9)[7:]]
     plan = extract.plan_shards(now, markers, shard_size=10)
     assert [r.image_id for s in plan.shards for r in s.records] == ["img01", "img03", "img07", "img08"]
     assert plan.deleted == ["img05", "img06"] and plan.skipped == 3
@@ -203,7 +205,7 @@ def test_run_model_on_shard_batches_by_size_and_keeps_record_order(float16):
 
 
 def test_actor_threads_share_the_cpus_without_oversubscribing():
-    from pipeline.distributed import actor_threads
+    from pipeline.extract.ray_runner import actor_threads
 
     assert actor_threads(3, 0, 1.0, 16, 4) == 3  # an explicit value wins
     assert actor_threads(0, 0, 1.0, 2, 1) == 2  # one CPU actor: every core (decoding is a small share)
@@ -216,8 +218,8 @@ def test_actor_threads_share_the_cpus_without_oversubscribing():
 def test_decode_shard_turns_fetch_failures_into_retryable_rows(tmp_path: Path):
     good = tmp_path / "a.jpg"
     shutil.copy(SAMPLE / SAME_SIZE[0], good)
-    recs = (storage.ImageRecord("a.jpg", "file://" + str(good), "1"),
-            storage.ImageRecord("gone.jpg", "file://" + str(tmp_path / "gone.jpg"), "1"))
+    recs = (listing.ImageRecord("a.jpg", "file://" + str(good), "1"),
+            listing.ImageRecord("gone.jpg", "file://" + str(tmp_path / "gone.jpg"), "1"))
     d = extract.decode_shard(extract.Shard("g00001-000000", 1, recs), 64, 10**8, None)
     assert [x.status for x in d.decoded] == ["ok", imgs.READ_ERROR]
     assert d.decoded[0].array.shape == (42, 64, 3)
@@ -306,7 +308,7 @@ def test_bad_inputs_each_end_as_a_row_and_the_job_finishes(tmp_path: Path, caplo
         assert np.isfinite(column_to_numpy(ok, k)).all()
     bad = images.filter(pa.compute.not_equal(images.column("status"), "ok"))
     assert all(bad.column(k).null_count == bad.num_rows for k in VECTOR_COLUMNS)
-    regions = storage.read_live_table(str(out), "regions")
+    regions = fstore.read_live_table(str(out), "regions")
     sizes = {i: (rows[i]["width"], rows[i]["height"]) for i in rows}
     for image_id, box in zip(regions.column("image_id").to_pylist(), column_to_numpy(regions, "box")):
         w, h = sizes[image_id]
@@ -327,10 +329,10 @@ def test_read_errors_are_rows_now_and_redone_on_the_next_run(tmp_path: Path):
     out = tmp_path / "out"
     first = extract.run_local(_cfg(root / "list.csv", out))
     assert first["run"]["statuses"] == {"ok": 2, imgs.READ_ERROR: 1}
-    shard = storage.read_parquet(storage.shard_paths(str(out), "g00001-000000")["images"])
+    shard = storage.read_parquet(fstore.shard_paths(str(out), "g00001-000000")["images"])
     row = shard.filter(pa.compute.equal(shard.column("image_id"), "later.jpg")).to_pylist()[0]
     assert row["status"] == imgs.READ_ERROR and "FileNotFoundError" in row["error"]
-    assert storage.read_done_markers(str(out))[0]["retry"] == ["later.jpg"]
+    assert fstore.read_done_markers(str(out))[0]["retry"] == ["later.jpg"]
     shutil.copy(SAMPLE / SAME_SIZE[2], root / "later.jpg")
     second = extract.run_local(_cfg(root / "list.csv", out))
     assert second["run"]["images"] == 1 and second["run"]["ok"] == 1 and second["run"]["skipped_already_done"] == 2
@@ -348,7 +350,7 @@ def test_crash_mid_shard_then_rerun_processes_only_the_unfinished_shards(corpus:
 
     def crash_in_second_shard(output, shard, itab, rtab, stats, so=None):
         if shard.shard_id.endswith("-000001"):
-            storage.write_parquet(storage.shard_paths(output, shard.shard_id)["images"], itab, so)  # half written
+            storage.write_parquet(fstore.shard_paths(output, shard.shard_id)["images"], itab, so)  # half written
             raise RuntimeError("simulated crash while writing a shard")
         return real_write(output, shard, itab, rtab, stats, so)
 
@@ -356,7 +358,7 @@ def test_crash_mid_shard_then_rerun_processes_only_the_unfinished_shards(corpus:
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract.run_local(cfg)
     monkeypatch.undo()
-    assert [m["shard"] for m in storage.read_done_markers(str(out))] == ["g00001-000000"]
+    assert [m["shard"] for m in fstore.read_done_markers(str(out))] == ["g00001-000000"]
     assert (out / "images" / "g00001-000001.parquet").exists()  # data without a marker: not done
     assert not (out / "manifest.json").exists()  # the manifest is written last
     first_shard = _processed_ids(str(out), 1)
@@ -393,7 +395,7 @@ def test_rerun_after_adding_changing_and_deleting_images_processes_only_those(co
     now = sorted(set(SAME_SIZE) - {deleted} | set(added))
     assert manifest["live_images"] == len(now) == 9
     _assert_exactly_once(str(out), now)
-    images = storage.read_live_table(str(out), "images")
+    images = fstore.read_live_table(str(out), "images")
     ref = _reference(model, _files(corpus, [changed]))[changed]
     row = images.filter(pa.compute.equal(images.column("image_id"), changed))
     np.testing.assert_allclose(column_to_numpy(row, "crow")[0], ref["crow"], rtol=1e-4, atol=1e-4)
@@ -434,7 +436,7 @@ def test_unreachable_input_or_unwritable_output_fail_before_any_work(tmp_path: P
                                                                     monkeypatch):
     import ray
 
-    from pipeline import distributed
+    from pipeline.extract import ray_runner as distributed
 
     def no_work(*_a, **_k):
         raise AssertionError("work started")
@@ -513,7 +515,7 @@ def _ray_session_logs() -> str:
 @pytest.mark.slow
 def test_run_ray_on_a_local_dir_survives_an_actor_killed_mid_shard(ray_local, corpus: Path, tmp_path: Path, model,
                                                                    monkeypatch, caplog):
-    from pipeline import distributed
+    from pipeline.extract import ray_runner as distributed
 
     flag = tmp_path / "killed-once"
 
@@ -524,7 +526,7 @@ def test_run_ray_on_a_local_dir_survives_an_actor_killed_mid_shard(ray_local, co
             if dshard.shard.shard_id.endswith("-000001") and not flag.exists():
                 flag.write_text(str(os.getpid()))
                 itab, _, _ = extract.run_model_on_shard(self.model, dshard, self.batch_size)
-                storage.write_parquet(storage.shard_paths(self.output, dshard.shard.shard_id)["images"], itab)
+                storage.write_parquet(fstore.shard_paths(self.output, dshard.shard.shard_id)["images"], itab)
                 os._exit(1)
             return super().run(dshard)
 
@@ -549,7 +551,7 @@ def test_run_ray_on_a_local_dir_survives_an_actor_killed_mid_shard(ray_local, co
 @pytest.mark.slow
 def test_run_ray_on_s3_resumes_a_failed_run_matches_the_model_and_never_logs_the_secret(
         ray_local, corpus: Path, s3_server: dict, s3_bucket: str, model, monkeypatch, caplog, capfd):
-    from pipeline import distributed
+    from pipeline.extract import ray_runner as distributed
 
     class AlwaysDies(extract.ShardWorker):
         def run(self, dshard):

@@ -1,4 +1,4 @@
-"""Tests for pipeline.fusion: L2, PCA (+ whitening) against a numpy SVD reference, serialisation, fusion."""
+"""Tests for pipeline.reduce.pca: L2, PCA (+ whitening) against a numpy SVD reference, serialisation, fusion."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 
-from pipeline.fusion import PCA, fuse, l2n
+from pipeline.reduce.pca import PCA, fuse, l2n
 
 
 def _anisotropic(n: int, d: int, seed: int = 0) -> np.ndarray:

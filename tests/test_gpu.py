@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.images import decode_image
-from pipeline.model import RegionModel
+from pipeline.io.images import decode_image
+from pipeline.model.region_model import RegionModel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

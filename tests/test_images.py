@@ -1,4 +1,4 @@
-"""Tests for pipeline.images: one test per status kind and per colour mode, all inputs built in the test."""
+"""Tests for pipeline.io.images: one test per status kind and per colour mode, all inputs built in the test."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline import images
-from pipeline.images import (
+from pipeline.io import images
+from pipeline.io.images import (
     DECODE_ERROR,
     EMPTY,
     NOT_IMAGE,

@@ -1,4 +1,4 @@
-"""Tests for pipeline.index: factory choice, exact and IVF search against numpy, params, (S3) round trips."""
+"""Tests for pipeline.reduce.faiss_index: factory choice, exact and IVF search against numpy, params, (S3) round trips."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
-from pipeline.fusion import l2n
-from pipeline.index import (
+from pipeline.reduce.faiss_index import (
     add_chunks,
     build_index,
     choose_factory,
@@ -17,6 +16,7 @@ from pipeline.index import (
     search,
     set_search_params,
 )
+from pipeline.reduce.pca import l2n
 
 
 def _clustered(n: int, d: int, n_clusters: int, n_queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import roi_align
 
-from pipeline import descriptors as D
-from pipeline.backbones import WeightsUnavailable, normalise
 from pipeline.config import SAMPLE_DATA, ModelConfig
-from pipeline.images import Decoded, decode_image
-from pipeline.model import RegionModel
-from pipeline.recognition import pool_roi
+from pipeline.io.images import Decoded, decode_image
+from pipeline.model import descriptors as D
+from pipeline.model.backbones import WeightsUnavailable, normalise
+from pipeline.model.recognition import pool_roi
+from pipeline.model.region_model import RegionModel
 
 VECTOR_KEYS = ("global", "spoc", "mac", "rmac", "gem", "crow", "local")
 KEYS = set(VECTOR_KEYS) | {"boxes", "scores", "regions"}
@@ -118,7 +118,7 @@ def test_boxes_in_original_pixels_and_scores_descending(mixed) -> None:
 def test_boxes_never_overshoot_by_float_rounding(model: RegionModel) -> None:
     """Regression: boxes clamped to the resized image and then scaled by ow / w in float32 could end at 200.00002 in a
     200-pixel-high image. Pick an original size where that rounding overshoots and check the bound is exact."""
-    from pipeline.images import resize_max_side
+    from pipeline.io.images import resize_max_side
 
     side = model.config.max_side
     for oh in range(150, 260):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torchvision.ops import box_iou, roi_align
 
-from pipeline.backbones import Backbone
-from pipeline.proposals import RPN, activation_candidates, activation_proposals, proposal_recall
-from pipeline.recognition import RegionDescriber, pool_roi
+from pipeline.model.backbones import Backbone
+from pipeline.model.proposals import RPN, activation_candidates, activation_proposals, proposal_recall
+from pipeline.model.recognition import RegionDescriber, pool_roi
 
 
 def two_blobs(h: int = 12, w: int = 16, c: int = 4) -> torch.Tensor:

@@ -6,12 +6,14 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from pipeline import reduce as rd
-from pipeline import storage
 from pipeline.config import IndexConfig
-from pipeline.fusion import PCA, fuse, l2n
-from pipeline.index import load_index
+from pipeline.io import storage
+from pipeline.reduce import build as rd
+from pipeline.reduce.faiss_index import load_index
+from pipeline.reduce.pca import PCA, fuse, l2n
 from pipeline.schema import column_to_numpy
+from pipeline.store import feature_store as fstore
+from pipeline.store import index_store as layout
 
 
 def _build(features: str, out: str, **kw) -> dict:
@@ -21,15 +23,15 @@ def _build(features: str, out: str, **kw) -> dict:
 def test_index_matches_numpy_reference(tiny_features, tmp_path):
     out = str(tmp_path / "index")
     marker = _build(tiny_features["features"], out)
-    t = storage.read_live_table(tiny_features["features"], "images")
+    t = fstore.read_live_table(tiny_features["features"], "images")
     t = t.filter(pc.equal(t.column("status"), "ok"))
     assert marker["images"] == t.num_rows == 24
-    ids = storage.read_parquet(storage.join(out, rd.IDS)).column("image_id").to_pylist()
+    ids = storage.read_parquet(storage.join(out, layout.IDS)).column("image_id").to_pylist()
     assert ids == sorted(ids) == t.column("image_id").to_pylist()
     # The fused index holds PCA(concat(L2 global, L2 local)) + L2 of every image, in id-map order.
-    pca = PCA.load(storage.join(out, rd.PCA_FUSED))
+    pca = PCA.load(storage.join(out, layout.PCA_FUSED))
     ref = pca.transform(fuse(column_to_numpy(t, "global"), column_to_numpy(t, "local"), 1.0))
-    index = load_index(storage.join(out, rd.INDEX_FUSED))
+    index = load_index(storage.join(out, layout.INDEX_FUSED))
     got = np.stack([index.reconstruct(i) for i in range(index.ntotal)])
     np.testing.assert_allclose(got, ref, atol=1e-5)
     # Exact search equals brute force.
@@ -42,11 +44,11 @@ def test_index_matches_numpy_reference(tiny_features, tmp_path):
 def test_region_store_follows_id_map(tiny_features, tmp_path):
     out = str(tmp_path / "index")
     _build(tiny_features["features"], out)
-    ids = storage.read_parquet(storage.join(out, rd.IDS)).column("image_id").to_pylist()
-    regions = rd.load_npy(storage.join(out, rd.REGIONS))
-    offsets = rd.load_npy(storage.join(out, rd.OFFSETS))
+    ids = storage.read_parquet(storage.join(out, layout.IDS)).column("image_id").to_pylist()
+    regions = storage.read_npy(storage.join(out, layout.REGIONS))
+    offsets = storage.read_npy(storage.join(out, layout.OFFSETS))
     assert offsets[0] == 0 and offsets[-1] == len(regions) and len(offsets) == len(ids) + 1
-    r = storage.read_live_table(tiny_features["features"], "regions")
+    r = fstore.read_live_table(tiny_features["features"], "regions")
     for row in (0, 7, len(ids) - 1):
         mine = r.filter(pc.equal(r.column("image_id"), ids[row])).sort_by("rank")
         ref = l2n(column_to_numpy(mine, "descriptor"))
@@ -60,10 +62,10 @@ def test_done_marker_written_last_and_s3_round_trip(tiny_features, s3_server, s3
     marker = _build(tiny_features["features"], out, storage_options=json.dumps(s3_server))
     fs, path = storage.url_to_fs(out, s3_server)
     files = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-    assert {rd.PCA_FUSED, rd.PCA_CROW, rd.INDEX_FUSED, rd.INDEX_CROW, rd.IDS, rd.REGIONS, rd.OFFSETS, rd.DONE} <= files
-    done_mtime = fs.info(f"{path}/{rd.DONE}")["LastModified"]
+    assert {layout.PCA_FUSED, layout.PCA_CROW, layout.INDEX_FUSED, layout.INDEX_CROW, layout.IDS, layout.REGIONS, layout.OFFSETS, layout.DONE} <= files
+    done_mtime = fs.info(f"{path}/{layout.DONE}")["LastModified"]
     assert all(fs.info(f"{path}/{f}")["LastModified"] <= done_mtime for f in files)
-    assert load_index(f"{out}/{rd.INDEX_FUSED}", s3_server).ntotal == marker["images"]
+    assert load_index(f"{out}/{layout.INDEX_FUSED}", s3_server).ntotal == marker["images"]
 
 
 def test_missing_features_fail_clearly(tmp_path):
@@ -77,9 +79,9 @@ def test_factory_override_and_saved_search_params(tiny_features, tmp_path):
     out = str(tmp_path / "ivf")
     marker = _build(tiny_features["features"], out, factory="IVF2,Flat", nprobe=2)
     assert marker["factory"] == {"fused": "IVF2,Flat", "crow": "IVF2,Flat"}
-    index = load_index(storage.join(out, rd.INDEX_FUSED))
+    index = load_index(storage.join(out, layout.INDEX_FUSED))
     assert faiss.extract_index_ivf(index).nprobe == 2  # saved with the index: every list visited, so exact
-    exact = load_index(storage.join(_exact(tiny_features, tmp_path), rd.INDEX_FUSED))
+    exact = load_index(storage.join(_exact(tiny_features, tmp_path), layout.INDEX_FUSED))
     q = np.stack([exact.reconstruct(i) for i in range(4)])
     np.testing.assert_array_equal(index.search(q, 5)[1], exact.search(q, 5)[1])
 

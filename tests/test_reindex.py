@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-
-from pipeline import publish as pub
-from pipeline import storage
 from _jobs import load_job  # noqa: E402
+
+from pipeline.io import storage
+from pipeline.store import feature_store as fstore
+from pipeline.store import index_store as layout
+from pipeline.store import versions as pub
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "caltech8"
@@ -41,7 +42,7 @@ def _fake_version(root: str, so: dict, name: str, images: int = 5, complete: boo
     out = pub.version_url(root, name)
     storage.write_bytes(storage.join(out, "fused.faiss"), b"partial", so)
     if complete:
-        storage.write_json(storage.join(out, pub.DONE), {"images": images}, so)
+        storage.write_json(storage.join(out, layout.DONE), {"images": images}, so)
     return name
 
 
@@ -133,12 +134,12 @@ def test_reader_during_rebuild_sees_the_old_complete_version(tiny_features: Any,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """While version 2 is being written (PCA saved, faiss indexes not yet) and after it is complete but not yet
     published, a search resolves the root to version 1 and loads it whole; once published, version 2."""
-    from pipeline import reduce
     from pipeline.config import IndexConfig
-    from pipeline.search import Searcher
+    from pipeline.reduce import build as reduce
+    from pipeline.retrieval.search import Searcher
 
     features = tiny_features["features"] if isinstance(tiny_features, dict) else tiny_features
-    n = storage.read_live_table(features, "images", columns=["status"]).num_rows
+    n = fstore.read_live_table(features, "images", columns=["status"]).num_rows
     url = str(tmp_path / "root")
     v1, v2 = _names(2)
     reduce.build(IndexConfig(features=features, output=pub.version_url(url, v1), pca_dim=16))
@@ -210,9 +211,9 @@ def _reindex_twice(input_url: str, url: str, so: dict, add: Callable[[], None],
     assert manifest["live_images"] == 7
     assert second["built"]["images"] == 7 and v2 > v1
     assert pub.current(url, so)["version"] == v2 and pub.current(url, so)["previous"] == v1
-    done = storage.read_json(storage.join(pub.version_url(url, v2), pub.DONE), so)
+    done = storage.read_json(storage.join(pub.version_url(url, v2), layout.DONE), so)
     assert done["images"] == 7
-    assert storage.read_json(storage.join(pub.version_url(url, v1), pub.DONE), so)["images"] == 6  # v1 untouched
+    assert storage.read_json(storage.join(pub.version_url(url, v1), layout.DONE), so)["images"] == 6  # v1 untouched
 
     # Nothing changed: no new version; the pointer stays.
     third = _run(reindex, common, capsys)

@@ -1,12 +1,12 @@
-"""Tests for pipeline.rerank: region re-ranking on a constructed case and against a loop reference; QE formulas."""
+"""Tests for pipeline.retrieval.rerank: region re-ranking on a constructed case and against a loop reference; QE formulas."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-import pipeline.rerank as rerank_mod
-from pipeline.rerank import alpha_query_expansion, average_query_expansion, region_rerank
+import pipeline.retrieval.rerank as rerank_mod
+from pipeline.retrieval.rerank import alpha_query_expansion, average_query_expansion, region_rerank
 
 
 def _reference_rerank(q, cand, init, regions, offsets, mode, alpha):
@@ -153,7 +153,7 @@ def test_query_expansion_ignores_padding():
 
 
 def test_rerank_top_reranks_prefix_and_keeps_tail():
-    from pipeline.rerank import rerank_top
+    from pipeline.retrieval.rerank import rerank_top
 
     d = 4
     q = np.eye(d, dtype=np.float32)[:1]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import reduce as rd
 from pipeline.config import IndexConfig
-from pipeline.search import Searcher
+from pipeline.reduce import build as rd
+from pipeline.retrieval.search import Searcher
 
 ROOT = Path(__file__).resolve().parents[1]
 

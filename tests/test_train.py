@@ -14,11 +14,11 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
-from pipeline import train as T
 from pipeline.config import ConfigError, ExtractConfig, ModelConfig, from_dict, parse_args
-from pipeline.images import decode_image
-from pipeline.model import CHECKPOINT_FORMAT, RegionModel, load_checkpoint
-from pipeline.proposals import proposal_recall
+from pipeline.densecap import train as T
+from pipeline.io.images import decode_image
+from pipeline.model.proposals import proposal_recall
+from pipeline.model.region_model import CHECKPOINT_FORMAT, RegionModel, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 8
@@ -213,7 +213,7 @@ def _tiny_vgg(random_weights: bool):
     """A stand-in for VGG16 (stride 16, a fc6/fc7-like head giving 4096-D region codes) that builds in milliseconds."""
     from torch import nn
 
-    from pipeline.backbones import Backbone
+    from pipeline.model.backbones import Backbone
 
     torch.manual_seed(123)
     feats = nn.Sequential(nn.Conv2d(3, 8, 3, stride=16, padding=1), nn.BatchNorm2d(8), nn.ReLU())
@@ -223,7 +223,7 @@ def _tiny_vgg(random_weights: bool):
 
 def test_vgg_style_head_and_a_fine_tuned_backbone_travel_in_the_checkpoint(shapes_data: dict, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import backbones
+    from pipeline.model import backbones
 
     monkeypatch.setitem(backbones.REGISTRY, "vgg16", _tiny_vgg)
     cfg = tiny_config(shapes_data["root"], tmp_path, backbone="vgg16", freeze_backbone=False)
@@ -327,15 +327,15 @@ def test_trained_rpn_boxes_sit_on_the_shapes(trained: dict, shapes_data: dict) -
 
 
 def test_checkpoint_runs_in_run_local_with_the_rpn_proposer(trained: dict, shapes_data: dict, tmp_path: Path) -> None:
-    from pipeline import storage
-    from pipeline.extract import run_local
+    from pipeline.extract.worker import run_local
+    from pipeline.store import feature_store as fstore
 
     out = tmp_path / "features"
     manifest = run_local(ExtractConfig(input=str(shapes_data["root"] / "images"), output=str(out), proposer="rpn",
                                        checkpoint=trained["checkpoint"], max_side=128, regions=4, shard_size=16,
                                        batch_size=8, threads=1))
     assert manifest["run"]["ok"] == 24 and manifest["run"]["errors"] == 0
-    regions = storage.read_live_table(str(out), "regions")
+    regions = fstore.read_live_table(str(out), "regions")
     assert regions.num_rows == manifest["run"]["regions"] and 24 <= regions.num_rows <= 96
     assert len(regions.column("descriptor")[0].as_py()) == 64
 

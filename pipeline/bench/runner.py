@@ -13,15 +13,17 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline import datasets as ds
-from pipeline import evaluate as ev
-from pipeline import storage
-from pipeline.config import BenchmarkConfig, ExtractConfig, parse_storage_options, public_dict
-from pipeline.fusion import PCA, fuse, l2n
-from pipeline.reduce import regions_in_order
-from pipeline.report import markdown_table, results_sheet, save_png, to_jsonable
-from pipeline.rerank import average_query_expansion, rerank_top
-from pipeline.schema import STATUS_OK, column_to_numpy
+from pipeline.bench import datasets as ds
+from pipeline.bench import metrics as ev
+from pipeline.bench.report import markdown_table, results_sheet, save_png, to_jsonable
+from pipeline.config import BenchmarkConfig, ExtractConfig, public_dict
+from pipeline.io import images as imgs
+from pipeline.io import storage
+from pipeline.reduce.build import regions_in_order
+from pipeline.reduce.pca import PCA, fuse, l2n
+from pipeline.retrieval.rerank import average_query_expansion, rerank_top
+from pipeline.schema import column_to_numpy
+from pipeline.store import feature_store as fstore
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ def extract_dataset(cfg: BenchmarkConfig, out: str, so: dict[str, Any]) -> str:
     Returns:
         The features URL.
     """
-    from pipeline.distributed import init_ray, run_ray
+    from pipeline.extract.ray_runner import init_ray, run_ray
 
     mc = cfg.model_config()
     ecfg = ExtractConfig(**dataclasses.asdict(mc), input=cfg.dataset, output=out, batch_size=cfg.batch_size,
@@ -76,14 +78,14 @@ def load_corpus(features: str, root: str, paths: list[str], labels: np.ndarray |
     Returns:
         The corpus, restricted to images with an ok row (the others are listed in ``missing``).
     """
-    t = storage.read_live_table(features, "images", so, ["status", *DESCRIPTOR_METHODS, "local"])
-    t = t.filter(pc.equal(t.column("status"), STATUS_OK))
+    t = fstore.read_live_table(features, "images", so, ["status", *DESCRIPTOR_METHODS, "local"])
+    t = t.filter(pc.equal(t.column("status"), imgs.OK))
     row_of = {i: k for k, i in enumerate(t.column("image_id").to_pylist())}
     keep = [k for k, p in enumerate(paths) if p in row_of]
     missing = [p for p in paths if p not in row_of]
     take = np.array([row_of[paths[k]] for k in keep], dtype=np.int64)
     vectors = {m: column_to_numpy(t, m)[take] for m in (*DESCRIPTOR_METHODS, "local")}
-    r = storage.read_live_table(features, "regions", so, ["rank", "descriptor"])
+    r = fstore.read_live_table(features, "regions", so, ["rank", "descriptor"])
     kept_paths = [paths[k] for k in keep]
     if regions is not None:
         r = r.filter(pc.less(r.column("rank"), regions))
@@ -139,7 +141,7 @@ def bow_vectors(c: Corpus, cfg: BenchmarkConfig) -> np.ndarray:
     """SIFT bag-of-words tf-idf vectors of every database image (the paper's traditional baseline)."""
     from PIL import Image
 
-    from pipeline.bow import BowModel, extract_sift_many
+    from pipeline.bench.bow import BowModel, extract_sift_many
 
     def load(p: str) -> np.ndarray:
         with Image.open(os.path.join(c.root, p)) as im:
@@ -161,7 +163,7 @@ def run(cfg: BenchmarkConfig) -> dict[str, Any]:
     Returns:
         The report dict.
     """
-    so = parse_storage_options(cfg.storage_options)
+    so = cfg.fs_options
     storage.check_writable(cfg.report, so)
     t0 = time.perf_counter()
     root = cfg.dataset

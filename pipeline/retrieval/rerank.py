@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.fusion import l2n
+from pipeline.reduce.pca import l2n
 
 # Upper bound on the float32 elements of the gathered region block per step (1 MiB). Bounds memory
 # when re-ranking many queries at once, and keeps the block cache-resident: on the 2-core dev box

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import descriptors as D
-from pipeline.backbones import build_backbone, normalise
 from pipeline.config import ModelConfig, config_hash
-from pipeline.proposals import RPN, activation_proposals
-from pipeline.recognition import RegionDescriber
+from pipeline.model import descriptors as D
+from pipeline.model.backbones import build_backbone, normalise
+from pipeline.model.proposals import RPN, activation_proposals
+from pipeline.model.recognition import RegionDescriber
 from pipeline.schema import GLOBAL_KINDS
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class RegionModel:
     """Callable region model. Build it on the worker that runs it (it loads weights in ``__init__``).
 
     ``model(images, sizes)`` takes decoded RGB uint8 arrays already resized so the longer side is ``max_side``
-    (pipeline.images.decode_image does that) and the original (width, height) of each, and returns one dict per image:
+    (pipeline.io.images.decode_image does that) and the original (width, height) of each, and returns one dict per image:
     ``global``, ``spoc``, ``mac``, ``rmac``, ``gem``, ``crow`` (1-D float32), ``boxes`` (R, 4) in original-image pixels,
     ``scores`` (R,) descending, ``regions`` (R, D) region descriptors, ``local`` (D,) = L1(sum of regions) (eq. 1-2).
     R <= K: each level of the region pyramid (``region_scales``) proposes its top K, and the K best of them all are kept.

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import fsspec
 import numpy as np
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+from pipeline.io.listing import IMAGE_EXTS
 
 # Column names accepted as "the label" in a labels.csv, in order of preference (Caltech ships `class`,
 # the Paris subset `landmark`); any other layout falls back to the second column.

@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
 
-from pipeline.descriptors import rmac_regions
+from pipeline.model.descriptors import rmac_regions
 
 
 def _box_sums(integral: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from typing import Any, Iterator
@@ -11,24 +10,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import index as fx
-from pipeline import storage
-from pipeline.config import IndexConfig, parse_storage_options, public_dict
-from pipeline.fusion import PCA, fuse, l2n
-from pipeline.schema import STATUS_OK, column_to_numpy
+from pipeline.config import IndexConfig, public_dict
+from pipeline.io import images as imgs
+from pipeline.io import storage
+from pipeline.reduce import faiss_index as fx
+from pipeline.reduce.pca import PCA, fuse, l2n
+from pipeline.schema import column_to_numpy
+from pipeline.store import feature_store as fstore
+from pipeline.store import index_store as layout
 
 log = logging.getLogger(__name__)
 
-# Files under an index output.
-PCA_FUSED = "pca_fused.npz"
-PCA_CROW = "pca_crow.npz"
-INDEX_FUSED = "fused.faiss"
-INDEX_CROW = "crow.faiss"
-IDS = "ids.parquet"
-REGIONS = "regions.npy"  # float16 (R, D): every image's region descriptors, L2-normalised, in index row order
-OFFSETS = "region_offsets.npy"  # int64 (N + 1,)
-RAW = "rerank_query.txt"  # which raw descriptor of a query is compared with regions
-DONE = "_SUCCESS.json"
 
 IMAGE_COLUMNS = ["image_id", "uri", "status", "global", "local", "crow", "gem"]
 
@@ -40,14 +32,14 @@ def fused_vectors(t: pa.Table, local_weight: float) -> np.ndarray:
 
 def _ok_shards(features: str, so: dict[str, Any], regions: bool = True) -> Iterator[tuple[pa.Table, pa.Table | None]]:
     """Live, successfully processed image rows (sorted by image_id) and their regions, shard by shard."""
-    cols: dict[str, Any] = {storage.IMAGES_DIR: IMAGE_COLUMNS}
+    cols: dict[str, Any] = {fstore.IMAGES_DIR: IMAGE_COLUMNS}
     if regions:
-        cols[storage.REGIONS_DIR] = ["rank", "descriptor"]
-    for shard in storage.iter_live_shards(features, so, cols):
-        t = shard[storage.IMAGES_DIR]
-        t = t.filter(pc.equal(t.column("status"), STATUS_OK))
+        cols[fstore.REGIONS_DIR] = ["rank", "descriptor"]
+    for shard in fstore.iter_live_shards(features, so, cols):
+        t = shard[fstore.IMAGES_DIR]
+        t = t.filter(pc.equal(t.column("status"), imgs.OK))
         if t.num_rows:
-            yield t.sort_by("image_id"), shard.get(storage.REGIONS_DIR)
+            yield t.sort_by("image_id"), shard.get(fstore.REGIONS_DIR)
 
 
 def regions_in_order(r: pa.Table, image_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +100,7 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
     Returns:
         The done-marker's content (counts, factories, timings).
     """
-    so = parse_storage_options(cfg.storage_options)
+    so = cfg.fs_options
     storage.check_writable(cfg.output, so)
     t0 = time.perf_counter()
     fused_s, crow_s, n = _reservoir(cfg.features, so, cfg.pca_sample, cfg.local_weight)
@@ -152,31 +144,19 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
     t2 = time.perf_counter()
 
     out = cfg.output
-    pca_f.save(storage.join(out, PCA_FUSED), so)
-    pca_c.save(storage.join(out, PCA_CROW), so)
-    fx.save_index(idx_f, storage.join(out, INDEX_FUSED), so)
-    fx.save_index(idx_c, storage.join(out, INDEX_CROW), so)
-    storage.write_parquet(storage.join(out, IDS), pa.table({"row": pa.array(np.arange(len(ids)), pa.int64()),
+    pca_f.save(storage.join(out, layout.PCA_FUSED), so)
+    pca_c.save(storage.join(out, layout.PCA_CROW), so)
+    fx.save_index(idx_f, storage.join(out, layout.INDEX_FUSED), so)
+    fx.save_index(idx_c, storage.join(out, layout.INDEX_CROW), so)
+    storage.write_parquet(storage.join(out, layout.IDS), pa.table({"row": pa.array(np.arange(len(ids)), pa.int64()),
                                                              "image_id": ids, "uri": uris}), so)
-    storage.write_bytes(storage.join(out, REGIONS), _npy(regions), so)
-    storage.write_bytes(storage.join(out, OFFSETS), _npy(offsets), so)
-    features_cfg = storage.read_json(storage.join(cfg.features, storage.CONFIG), so)
+    storage.write_npy(storage.join(out, layout.REGIONS), regions, so)
+    storage.write_npy(storage.join(out, layout.OFFSETS), offsets, so)
+    features_cfg = storage.read_json(storage.join(cfg.features, fstore.CONFIG), so)
     marker = {"config": public_dict(cfg), "model": features_cfg["model"], "model_hash": features_cfg["model_hash"],
               "images": len(ids), "regions": int(offsets[-1]), "factory": {"fused": fact_f, "crow": fact_c},
               "dims": {"fused": pca_f.dim, "crow": pca_c.dim},
               "seconds": {"pca": round(t1 - t0, 3), "index": round(t2 - t1, 3), "write": round(time.perf_counter() - t2, 3)},
-              "finished": storage.now()}
-    storage.write_json(storage.join(out, DONE), marker, so)  # last: readers only trust a finished index
+              "finished": fstore.now()}
+    storage.write_json(storage.join(out, layout.DONE), marker, so)  # last: readers only trust a finished index
     return marker
-
-
-def _npy(a: np.ndarray) -> bytes:
-    """An array as .npy bytes (no pickle)."""
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
-def load_npy(url: str, so: dict[str, Any] | None = None) -> np.ndarray:
-    """Read a .npy written by this module (pickles refused)."""
-    return np.load(io.BytesIO(storage.read_bytes(url, so)), allow_pickle=False)

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline import weights as offline
+from pipeline.model import weights as offline
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

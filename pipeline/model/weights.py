@@ -13,7 +13,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-INSTALL_COMMAND = "make weights  (or: python -m pipeline.weights install)"
+INSTALL_COMMAND = "make weights  (or: python -m pipeline.model.weights install)"
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,8 @@ def install(name: str, force: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m pipeline.weights install [--backbone NAME ...]`` or ``check``."""
-    p = argparse.ArgumentParser(prog="python -m pipeline.weights", description=__doc__)
+    """CLI: ``python -m pipeline.model.weights install [--backbone NAME ...]`` or ``check``."""
+    p = argparse.ArgumentParser(prog="python -m pipeline.model.weights", description=__doc__)
     p.add_argument("action", choices=["install", "check"])
     p.add_argument("--backbone", action="append", choices=sorted(OFFLINE), help="default: mobilenet_v2")
     p.add_argument("--force", action="store_true")

@@ -9,9 +9,9 @@ import time
 from collections import deque
 from typing import Any
 
-from pipeline import storage
-from pipeline.config import ExtractConfig, parse_storage_options
-from pipeline.extract import ShardWorker, decode_shard, finish, plan_shards, prepare_output, summarise
+from pipeline.config import ExtractConfig
+from pipeline.extract.worker import ShardWorker, decode_shard, finish, plan_shards, prepare_output, summarise
+from pipeline.io import listing
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,9 @@ def run_ray(cfg: ExtractConfig, progress_every_s: float = 10.0) -> dict[str, Any
     """
     import ray
 
-    so = parse_storage_options(cfg.storage_options)
+    so = cfg.fs_options
     t0 = time.perf_counter()
-    records = storage.list_images(cfg.input, so)  # fails fast on an unreachable input
+    records = listing.list_images(cfg.input, so)  # fails fast on an unreachable input
     markers = prepare_output(cfg, so)  # fails fast on an unwritable output
     plan = plan_shards(records, markers, cfg.shard_size)
     total_images = sum(len(s.records) for s in plan.shards)

@@ -13,10 +13,11 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from pipeline import images as imgs
-from pipeline import storage
-from pipeline.config import ConfigError, ExtractConfig, ModelConfig, config_hash, parse_storage_options, public_dict
-from pipeline.schema import GLOBAL_KINDS, STATUS_OK, images_schema, regions_schema, to_table
+from pipeline.config import ConfigError, ExtractConfig, ModelConfig, config_hash, public_dict
+from pipeline.io import images as imgs
+from pipeline.io import listing, storage
+from pipeline.schema import GLOBAL_KINDS, images_schema, regions_schema, to_table
+from pipeline.store import feature_store as fstore
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class Shard:
 
     shard_id: str
     generation: int
-    records: tuple[storage.ImageRecord, ...]
+    records: tuple[listing.ImageRecord, ...]
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Plan:
     markers: list[dict[str, Any]]
 
 
-def plan_shards(records: Sequence[storage.ImageRecord], markers: Sequence[dict[str, Any]], shard_size: int) -> Plan:
+def plan_shards(records: Sequence[listing.ImageRecord], markers: Sequence[dict[str, Any]], shard_size: int) -> Plan:
     """Plan a run: every listed image whose id and fingerprint are not already live in a done shard is pending;
     pending images are cut into shards of a new generation; live images no longer listed are deleted.
 
@@ -65,12 +66,12 @@ def plan_shards(records: Sequence[storage.ImageRecord], markers: Sequence[dict[s
     Returns:
         The plan.
     """
-    live = storage.live_images(markers)
+    live = fstore.live_images(markers)
     pending = [r for r in records if live.get(r.image_id, ("", None))[1] != r.fingerprint]
     listed = {r.image_id for r in records}
     deleted = sorted(set(live) - listed)
-    gen = storage.next_generation(markers)
-    shards = [Shard(storage.shard_id(gen, i // shard_size), gen, tuple(pending[i:i + shard_size]))
+    gen = fstore.next_generation(markers)
+    shards = [Shard(fstore.shard_id(gen, i // shard_size), gen, tuple(pending[i:i + shard_size]))
               for i in range(0, len(pending), shard_size)]
     return Plan(gen, shards, deleted, len(records) - len(pending), list(markers))
 
@@ -91,7 +92,7 @@ def decode_shard(shard: Shard, max_side: int, max_pixels: int, storage_options: 
     """
     t0 = time.perf_counter()
 
-    def one(rec: storage.ImageRecord) -> imgs.Decoded:
+    def one(rec: listing.ImageRecord) -> imgs.Decoded:
         try:
             data = storage.read_bytes(rec.uri, storage_options)
         except Exception as e:  # noqa: BLE001 - any fetch failure becomes a retryable error row
@@ -183,14 +184,14 @@ def write_shard(output: str, shard: Shard, images_table: pa.Table, regions_table
         The marker written.
     """
     t0 = time.perf_counter()
-    paths = storage.shard_paths(output, shard.shard_id)
+    paths = fstore.shard_paths(output, shard.shard_id)
     storage.write_parquet(paths["images"], images_table, storage_options)
     storage.write_parquet(paths["regions"], regions_table, storage_options)
     retry = [r.image_id for r, s in zip(shard.records, images_table.column("status").to_pylist()) if s == imgs.READ_ERROR]
     write_s = time.perf_counter() - t0
     marker = {"shard": shard.shard_id, "generation": shard.generation, "kind": "data",
               "images": [[r.image_id, r.fingerprint] for r in shard.records], "retry": retry,
-              "stats": {**stats, "write_s": write_s}, "finished": storage.now()}
+              "stats": {**stats, "write_s": write_s}, "finished": fstore.now()}
     storage.write_json(paths["done"], marker, storage_options)
     return marker
 
@@ -207,13 +208,13 @@ class ShardWorker:
         batch_size: images per forward pass.
         float16: store vectors as float16.
         threads: torch CPU threads (0 = all cores of this machine; run_ray passes its own choice, see
-            pipeline.distributed.actor_threads).
+            pipeline.extract.ray_runner.actor_threads).
         storage_options: fsspec options.
     """
 
     def __init__(self, model_config: ModelConfig, output: str, batch_size: int, float16: bool = False,
                  threads: int = 0, storage_options: dict[str, Any] | None = None) -> None:
-        from pipeline.model import RegionModel
+        from pipeline.model.region_model import RegionModel
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.model = RegionModel(model_config, threads=threads or (os.cpu_count() or 1), storage_options=storage_options)
@@ -256,7 +257,7 @@ def prepare_output(cfg: ExtractConfig, storage_options: dict[str, Any]) -> list[
     """
     storage.check_writable(cfg.output, storage_options)
     model_hash = config_hash(cfg.model_config())
-    cfg_url = storage.join(cfg.output, storage.CONFIG)
+    cfg_url = storage.join(cfg.output, fstore.CONFIG)
     fs, path = storage.url_to_fs(cfg_url, storage_options)
     fs.invalidate_cache(path)  # s3fs listings cached in this process may predate another run's files
     if fs.exists(path):
@@ -266,8 +267,8 @@ def prepare_output(cfg: ExtractConfig, storage_options: dict[str, Any]) -> list[
                              f"{model_hash}: {prev.get('model')}); write to a new --output")
     storage.write_json(cfg_url, {"config": public_dict(cfg), "model": public_dict(cfg.model_config()),
                                  "model_hash": model_hash}, storage_options)
-    markers = storage.read_done_markers(cfg.output, storage_options)
-    removed = storage.remove_orphans(cfg.output, markers, storage_options)
+    markers = fstore.read_done_markers(cfg.output, storage_options)
+    removed = fstore.remove_orphans(cfg.output, markers, storage_options)
     if removed:
         log.info("removed %d data files of shards that never finished", removed)
     return markers
@@ -286,7 +287,7 @@ def summarise(markers: Sequence[dict[str, Any]], elapsed: float) -> dict[str, An
             statuses[k] = statuses.get(k, 0) + v
         for k in timing:
             timing[k] += s.get(k, 0.0)
-    ok = statuses.get(STATUS_OK, 0)
+    ok = statuses.get(imgs.OK, 0)
     return {"shards": len(markers), "images": images, "ok": ok, "errors": images - ok, "statuses": statuses,
             "regions": regions, "elapsed_s": round(elapsed, 3),
             "images_per_s": round(images / elapsed, 3) if elapsed > 0 else None,
@@ -299,7 +300,7 @@ def preflight(cfg: ExtractConfig, storage_options: dict[str, Any]) -> None:
     Raises:
         storage.StorageError: with a clear message.
     """
-    storage.check_readable(cfg.input, storage_options)
+    listing.check_readable(cfg.input, storage_options)
     storage.check_writable(cfg.output, storage_options)
 
 
@@ -312,9 +313,9 @@ def run_local(cfg: ExtractConfig) -> dict[str, Any]:
     Returns:
         The run summary (also written as the manifest).
     """
-    so = parse_storage_options(cfg.storage_options)
+    so = cfg.fs_options
     t0 = time.perf_counter()
-    records = storage.list_images(cfg.input, so)  # fails fast on an unreachable input, before the output is touched
+    records = listing.list_images(cfg.input, so)  # fails fast on an unreachable input, before the output is touched
     markers = prepare_output(cfg, so)
     plan = plan_shards(records, markers, cfg.shard_size)
     worker = ShardWorker(cfg.model_config(), cfg.output, cfg.batch_size, cfg.float16, cfg.threads, so)
@@ -331,14 +332,14 @@ def finish(cfg: ExtractConfig, plan: Plan, done: list[dict[str, Any]], elapsed: 
     """
     if plan.deleted:
         sid = f"g{plan.generation:05d}-deleted"
-        storage.write_json(storage.join(cfg.output, storage.DONE_DIR, f"{sid}.json"),
+        storage.write_json(storage.join(cfg.output, fstore.DONE_DIR, f"{sid}.json"),
                            {"shard": sid, "generation": plan.generation, "kind": "deleted", "images": plan.deleted},
                            storage_options)
     summary = summarise(done, elapsed)
     summary.update({"skipped_already_done": plan.skipped, "deleted": len(plan.deleted), "planned_shards": len(plan.shards)})
-    live = storage.live_images(storage.read_done_markers(cfg.output, storage_options))
+    live = fstore.live_images(fstore.read_done_markers(cfg.output, storage_options))
     manifest = {"config": public_dict(cfg), "model_hash": config_hash(cfg.model_config()), "generation": plan.generation,
                 "run": summary, "live_images": len(live), "versions": versions(),
-                "finished": storage.now()}
-    storage.write_json(storage.join(cfg.output, storage.MANIFEST), manifest, storage_options)
+                "finished": fstore.now()}
+    storage.write_json(storage.join(cfg.output, fstore.MANIFEST), manifest, storage_options)
     return manifest

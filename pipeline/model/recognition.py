@@ -8,9 +8,8 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
-from pipeline.backbones import Backbone
-
-POOLS = ("gem", "mac", "spoc")
+from pipeline.config import REGION_POOLS
+from pipeline.model.backbones import Backbone
 
 
 def pool_roi(x: torch.Tensor, pool: str, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
@@ -21,7 +20,7 @@ def pool_roi(x: torch.Tensor, pool: str, p: float = 3.0, eps: float = 1e-6) -> t
         return x.amax(dim=(-2, -1))
     if pool == "spoc":
         return x.mean(dim=(-2, -1))
-    raise ValueError(f"unknown region pool {pool!r}; known: {POOLS}")
+    raise ValueError(f"unknown region pool {pool!r}; known: {REGION_POOLS}")
 
 
 class RegionDescriber(nn.Module):
@@ -41,8 +40,8 @@ class RegionDescriber(nn.Module):
 
     def __init__(self, backbone: Backbone, pool: str = "gem", roi_size: int = 7, projection_dim: int = 0) -> None:
         super().__init__()
-        if pool not in POOLS:
-            raise ValueError(f"unknown region pool {pool!r}; known: {POOLS}")
+        if pool not in REGION_POOLS:
+            raise ValueError(f"unknown region pool {pool!r}; known: {REGION_POOLS}")
         self.stride = backbone.stride
         self.head = backbone.head
         self.roi_size = backbone.head_input if backbone.head is not None else roi_size

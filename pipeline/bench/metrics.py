@@ -227,7 +227,7 @@ def revisited_map(
     Args:
         ranks: ``(Q, N')`` database indices, best first (note: revisitop's own arrays are ``(N, Q)``).
         gnd: per query, a dict with ``easy``, ``hard`` and ``junk`` index arrays (as from
-            :func:`pipeline.datasets.load_revisited_gnd`).
+            :func:`pipeline.bench.datasets.load_revisited_gnd`).
         kappas: cut-offs for mP@k.
 
     Returns:

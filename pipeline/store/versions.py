@@ -25,7 +25,9 @@ import time
 import uuid
 from typing import Any
 
-from pipeline import storage
+from pipeline.io import storage
+from pipeline.store import feature_store as fstore
+from pipeline.store import index_store as layout
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,6 @@ FEATURES = "features"
 VERSIONS = "versions"
 POINTER = "CURRENT"
 SOURCE = "_SOURCE.json"
-DONE = "_SUCCESS.json"  # the index build's done-marker (pipeline.reduce.DONE), written last by the build
 MIN_KEEP = 2  # the version just replaced stays: a reader that resolved the pointer before a publish still finds it
 
 _VERSION_RE = re.compile(r"^v(\d{6})-(\d{8}T\d{6}Z)$")
@@ -74,7 +75,7 @@ def list_versions(root: str, storage_options: dict[str, Any] | None = None) -> l
         return []
     names = sorted(n for n in (posixpath.basename(p.rstrip("/")) for p in fs.ls(vdir, detail=False))
                    if _VERSION_RE.match(n))
-    return [(n, _exists(storage.join(version_url(root, n), DONE), storage_options)) for n in names]
+    return [(n, _exists(storage.join(version_url(root, n), layout.DONE), storage_options)) for n in names]
 
 
 def new_version(root: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -88,7 +89,7 @@ def new_version(root: str, storage_options: dict[str, Any] | None = None) -> str
         E.g. ``v000004-20261127T221500Z``.
     """
     counters = [int(n[1:7]) for n, _ in list_versions(root, storage_options)]  # names match _VERSION_RE
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(storage.now()))
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(fstore.now()))
     return f"v{1 + max(counters, default=0):06d}-{stamp}"
 
 
@@ -142,12 +143,12 @@ def publish(root: str, version: str, storage_options: dict[str, Any] | None = No
     Raises:
         PublishError: the version has no done-marker (missing, still building, or crashed).
     """
-    done = storage.join(version_url(root, version), DONE)
+    done = storage.join(version_url(root, version), layout.DONE)
     if not _exists(done, storage_options):
-        raise PublishError(f"version {version} under {root} is not a finished index (no {DONE}); not published")
+        raise PublishError(f"version {version} under {root} is not a finished index (no {layout.DONE}); not published")
     marker = storage.read_json(done, storage_options)
     prev = current(root, storage_options)
-    pointer = {"version": version, "path": f"{VERSIONS}/{version}", "published": storage.now(),
+    pointer = {"version": version, "path": f"{VERSIONS}/{version}", "published": fstore.now(),
                "images": marker.get("images"), "previous": prev["version"] if prev else None, **(extra or {})}
     _write_pointer(root, pointer, storage_options)
     log.info("published %s under %s (%s images; previous %s)", version, root, pointer["images"], pointer["previous"])
@@ -229,7 +230,7 @@ def features_state(features: str, storage_options: dict[str, Any] | None = None)
 
     Equal fingerprints mean the same live rows, so an index built from them is still current.
     """
-    shards = sorted(m["shard"] for m in storage.read_done_markers(features, storage_options))
+    shards = sorted(m["shard"] for m in fstore.read_done_markers(features, storage_options))
     return hashlib.sha256("\n".join(shards).encode()).hexdigest()[:16]
 
 

@@ -8,13 +8,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline import index as fx
-from pipeline import reduce as rd
-from pipeline import storage
 from pipeline.config import ModelConfig
-from pipeline.fusion import PCA, fuse, l2n
-from pipeline.images import decode_image
-from pipeline.rerank import rerank_top
+from pipeline.io import storage
+from pipeline.io.images import decode_image
+from pipeline.reduce import faiss_index as fx
+from pipeline.reduce.pca import PCA, fuse, l2n
+from pipeline.retrieval.rerank import rerank_top
+from pipeline.store import index_store as layout
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +41,28 @@ class Searcher:
     def __init__(self, index_url: str, storage_options: dict[str, Any] | None = None, model: Any = None) -> None:
         so = storage_options or {}
         self.so = so
-        done = storage.join(index_url, rd.DONE)
+        done = storage.join(index_url, layout.DONE)
         fs, path = storage.url_to_fs(done, so)
         if not fs.exists(path):
-            raise storage.StorageError(f"{index_url} holds no finished index (no {rd.DONE}); run jobs/index.py")
+            raise storage.StorageError(f"{index_url} holds no finished index (no {layout.DONE}); run jobs/index.py")
         self.meta = storage.read_json(done, so)
         self.local_weight = float(self.meta["config"]["local_weight"])
-        self.pca = {"fused": PCA.load(storage.join(index_url, rd.PCA_FUSED), so),
-                    "crow": PCA.load(storage.join(index_url, rd.PCA_CROW), so)}
-        self.index = {"fused": fx.load_index(storage.join(index_url, rd.INDEX_FUSED), so),
-                      "crow": fx.load_index(storage.join(index_url, rd.INDEX_CROW), so)}
-        t = storage.read_parquet(storage.join(index_url, rd.IDS), so)
+        self.pca = {"fused": PCA.load(storage.join(index_url, layout.PCA_FUSED), so),
+                    "crow": PCA.load(storage.join(index_url, layout.PCA_CROW), so)}
+        self.index = {"fused": fx.load_index(storage.join(index_url, layout.INDEX_FUSED), so),
+                      "crow": fx.load_index(storage.join(index_url, layout.INDEX_CROW), so)}
+        t = storage.read_parquet(storage.join(index_url, layout.IDS), so)
         self.ids = t.column("image_id").to_pylist()
         self.uris = t.column("uri").to_pylist()
-        self.regions = rd.load_npy(storage.join(index_url, rd.REGIONS), so)
-        self.offsets = rd.load_npy(storage.join(index_url, rd.OFFSETS), so)
+        self.regions = storage.read_npy(storage.join(index_url, layout.REGIONS), so)
+        self.offsets = storage.read_npy(storage.join(index_url, layout.OFFSETS), so)
         self._model = model
 
     @property
     def model(self) -> Any:
         """The region model that describes queries exactly as the corpus was described."""
         if self._model is None:
-            from pipeline.model import RegionModel
+            from pipeline.model.region_model import RegionModel
 
             # Indexes written before region pyramids existed described their corpus at one scale.
             self._model = RegionModel(ModelConfig(**{"region_scales": "1", **self.meta["model"]}),

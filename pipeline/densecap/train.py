@@ -20,18 +20,27 @@ from torch import nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.ops import box_iou, clip_boxes_to_image
 
-from pipeline import images as imgs
-from pipeline import storage
-from pipeline.backbones import Backbone, build_backbone, normalise
-from pipeline.config import BACKBONES, REGION_POOLS, ConfigError, _check_choices, _check_finite, _opt, public_dict
-from pipeline.config import parse_storage_options
-from pipeline.proposals import RPN, proposal_recall
-from pipeline.recognition import RegionDescriber
+from pipeline.config import (
+    BACKBONES,
+    REGION_POOLS,
+    ConfigError,
+    HasStorage,
+    _check_choices,
+    _check_finite,
+    _opt,
+    public_dict,
+    storage_field,
+)
+from pipeline.io import images as imgs
+from pipeline.io import listing, storage
+from pipeline.model.backbones import Backbone, build_backbone, normalise
+from pipeline.model.proposals import RPN, proposal_recall
+from pipeline.model.recognition import RegionDescriber
 
 log = logging.getLogger(__name__)
 
 ANNOTATIONS = "region_descriptions.json"
-MODEL_FILE = "region_model.pt"  # the final checkpoint, in pipeline.model.CHECKPOINT_FORMAT
+MODEL_FILE = "region_model.pt"  # the final checkpoint, in pipeline.model.region_model.CHECKPOINT_FORMAT
 STATE_FILE = "train_state.pt"  # everything needed to resume (model, optimizer, epoch), rewritten every epoch
 STATE_MARKER = "train_state.json"  # written after STATE_FILE: epoch, config, vocab (small; read by the driver)
 METRICS_FILE = "metrics.json"
@@ -48,7 +57,7 @@ RESUMABLE_CHANGES = ("data", "output", "epochs", "workers", "use_gpu", "cpus_per
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(HasStorage):
     """`jobs/train_regions.py`: Visual Genome-style region descriptions -> a trained region-model checkpoint."""
 
     data: str = _opt("", "folder URL holding region_descriptions.json and images/<image_id>.jpg, or the JSON's URL",
@@ -100,7 +109,7 @@ class TrainConfig:
                                 "cluster, a shared path or bucket URL)")
     seed: int = _opt(0, "seed of the split, the subset, sampling and initialisation")
     random_weights: bool = _opt(False, "random backbone weights (tests only)")
-    storage_options: str = _opt("", "JSON of fsspec storage options (never logged)")
+    storage_options: str = storage_field()
 
     def validate(self) -> None:
         """Raise ConfigError for values outside their domain."""
@@ -127,7 +136,7 @@ class TrainConfig:
         if not [d for d in self.image_dirs.split(",") if d.strip()]:
             raise ConfigError("image_dirs must name at least one folder")
         self.anchors()
-        parse_storage_options(self.storage_options)
+        self.fs_options  # noqa: B018 - parses (and caches) the options: a ConfigError now, not mid-run
 
     def anchors(self) -> dict[str, list[float]]:
         """The RPN's anchor kwargs (``rpn_args`` of the checkpoint) parsed from the comma-separated fields."""
@@ -327,7 +336,7 @@ def find_image_files(root: str, image_dirs: Sequence[str], storage_options: dict
         for p in sorted(fs.find(path)):
             name = p.rsplit("/", 1)[-1]
             stem, _, ext = name.rpartition(".")
-            if "." + ext.lower() in storage.IMAGE_EXTS and stem.isdigit():
+            if "." + ext.lower() in listing.IMAGE_EXTS and stem.isdigit():
                 found.setdefault(int(stem), fs.unstrip_protocol(p))
     return found
 
@@ -400,7 +409,7 @@ def load_region_data(cfg: TrainConfig, storage_options: dict[str, Any] | None = 
 
 
 class RegionDataset(torch.utils.data.Dataset):
-    """Images decoded and resized like extraction (pipeline.images.decode_image), boxes scaled to match.
+    """Images decoded and resized like extraction (pipeline.io.images.decode_image), boxes scaled to match.
 
     An item is a dict (``image`` (h, w, 3) uint8, ``boxes`` (n, 4) float32 resized-image pixels, ``tokens`` (n, L)
     int64, ``image_id``), or None when the image cannot be read or decoded, or keeps no box after clipping.
@@ -665,7 +674,7 @@ def to_device(batch: Sequence[dict[str, Any]], bb: Backbone, device: torch.devic
 
 def region_checkpoint(model: DenseCapModel, vocab: Sequence[str], metrics: dict[str, Any] | None = None
                       ) -> dict[str, Any]:
-    """The trained model in ``pipeline.model.CHECKPOINT_FORMAT`` (tensors and plain containers only, so that it loads
+    """The trained model in ``pipeline.model.region_model.CHECKPOINT_FORMAT`` (tensors and plain containers only, so that it loads
     with ``torch.load(weights_only=True)``), plus the caption head and its vocabulary.
 
     Args:
@@ -673,7 +682,7 @@ def region_checkpoint(model: DenseCapModel, vocab: Sequence[str], metrics: dict[
         vocab: the caption vocabulary.
         metrics: last metrics to keep in the file (numbers only).
     """
-    from pipeline.model import CHECKPOINT_FORMAT
+    from pipeline.model.region_model import CHECKPOINT_FORMAT
 
     cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
     cfg = model.cfg
@@ -820,7 +829,7 @@ def train_worker(cfg: TrainConfig, train: RegionData, val: RegionData, vocab: Se
     Returns:
         The metrics of every epoch (epoch 0 = before training, when ``eval_before``).
     """
-    so = parse_storage_options(cfg.storage_options)
+    so = cfg.fs_options
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     model = DenseCapModel(cfg, len(vocab)).to(device)
@@ -930,8 +939,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[RegionData, RegionData, list[str], d
         ConfigError: the output holds a run with another config.
         storage.StorageError: unreadable data or unwritable output.
     """
-    so = parse_storage_options(cfg.storage_options)
-    storage.check_readable(data_urls(cfg.data)[0], so)
+    so = cfg.fs_options
+    listing.check_readable(data_urls(cfg.data)[0], so)
     storage.check_writable(cfg.output, so)
     marker = read_state_marker(cfg.output, so)
     if marker is not None and marker.get("config") != resume_key(cfg):
@@ -980,7 +989,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def fit(cfg: TrainConfig, prepared: tuple[RegionData, RegionData, list[str], dict[str, Any]] | None = None
         ) -> dict[str, Any]:
-    """Train on the connected Ray cluster with Ray Train's TorchTrainer (``pipeline.distributed.init_ray`` first):
+    """Train on the connected Ray cluster with Ray Train's TorchTrainer (``pipeline.extract.ray_runner.init_ray`` first):
     ``cfg.workers`` data-parallel workers, one GPU each with ``use_gpu``; the data is parsed once on the driver and
     shared through the object store.
 
@@ -1008,7 +1017,7 @@ def fit(cfg: TrainConfig, prepared: tuple[RegionData, RegionData, list[str], dic
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     trainer.fit()
-    so = parse_storage_options(cfg.storage_options)
+    so = cfg.fs_options
     history = storage.read_json(storage.join(cfg.output, METRICS_FILE), so)["history"]
     return {"output": cfg.output, "checkpoint": storage.join(cfg.output, MODEL_FILE), "data": stats,
             "history": history}

@@ -1,0 +1,123 @@
+"""Listing an input image collection: a directory/prefix walked recursively, or a Parquet/CSV manifest."""
+
+from __future__ import annotations
+
+import csv
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow.parquet as pq
+
+from pipeline.io.storage import StorageError, fresh, unstrip, url_to_fs
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One input image: a stable id (path relative to the input root), where to read it, and a change fingerprint."""
+
+    image_id: str
+    uri: str
+    fingerprint: str
+    label: str = ""
+
+
+def _fingerprint(info: dict[str, Any]) -> str:
+    """A change fingerprint from listing metadata: size plus ETag or modification time (whatever the store gives)."""
+    size = info.get("size", "")
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
+    if hasattr(tag, "timestamp"):
+        tag = tag.timestamp()
+    return f"{size}-{str(tag).strip(chr(34))}"
+
+
+def check_readable(input_url: str, storage_options: dict[str, Any] | None = None
+                   ) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Fail fast when an input location is unreachable or missing (one request, no listing).
+
+    Args:
+        input_url: directory/prefix or manifest URL.
+        storage_options: fsspec options.
+
+    Returns:
+        (filesystem, path) of the input.
+
+    Raises:
+        StorageError: with the reason, before any work starts.
+    """
+    try:
+        fs, root = url_to_fs(input_url, storage_options)
+        fresh(fs, root)
+        exists = fs.exists(root)
+    except Exception as e:  # noqa: BLE001 - any backend error is "unreachable"
+        raise StorageError(f"cannot reach input {input_url}: {type(e).__name__}: {e}") from None
+    if not exists:
+        raise StorageError(f"input {input_url} does not exist")
+    return fs, root
+
+
+def list_images(input_url: str, storage_options: dict[str, Any] | None = None) -> list[ImageRecord]:
+    """List an image collection: a directory/prefix (recursively) or a manifest file (.parquet or .csv).
+
+    A manifest has a ``uri`` (or ``url``/``path``) column, optional ``image_id``, ``label`` and ``fingerprint``;
+    relative URIs are resolved against the manifest's folder. Without ids, the id is the URI relative to that folder.
+
+    Args:
+        input_url: directory URL or manifest URL.
+        storage_options: fsspec options.
+
+    Returns:
+        Records sorted by image_id; ids are unique.
+
+    Raises:
+        StorageError: when the input cannot be listed or holds duplicate ids.
+    """
+    fs, root = check_readable(input_url, storage_options)
+    if fs.isfile(root) and root.lower().endswith((".parquet", ".csv")):
+        records = _read_manifest(fs, root)
+    else:
+        found = fs.find(root, detail=True)
+        records = []
+        for path, info in found.items():
+            if not path.lower().endswith(IMAGE_EXTS) or info.get("type") == "directory":
+                continue
+            rel = posixpath.relpath(path, root)
+            records.append(ImageRecord(rel, unstrip(fs, path), _fingerprint(info)))
+    records.sort(key=lambda r: r.image_id)
+    for a, b in zip(records, records[1:]):
+        if a.image_id == b.image_id:
+            raise StorageError(f"duplicate image id {a.image_id!r} in {input_url}")
+    return records
+
+
+def _read_manifest(fs: fsspec.AbstractFileSystem, path: str) -> list[ImageRecord]:
+    """Read a Parquet or CSV manifest of image URIs (no code from the input is ever executed: plain tables only)."""
+    if path.lower().endswith(".parquet"):
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        cols = {c: table.column(c).to_pylist() for c in table.column_names}
+    else:
+        with fs.open(path, "rt", newline="") as f:
+            rows = list(csv.DictReader(f))
+        cols = {c: [r[c] for r in rows] for c in (rows[0].keys() if rows else [])}
+    uri_col = next((c for c in ("uri", "url", "path") if c in cols), None)
+    if uri_col is None:
+        raise StorageError(f"manifest {path} needs a 'uri', 'url' or 'path' column; has {sorted(cols)}")
+    base = posixpath.dirname(path)
+    out = []
+    for i, uri in enumerate(cols[uri_col]):
+        uri = str(uri)
+        if "://" not in uri and not uri.startswith("/"):
+            full = unstrip(fs, posixpath.join(base, uri))
+            default_id = uri
+        else:
+            full = uri
+            default_id = uri.split("://", 1)[-1].lstrip("/")
+        image_id = str(cols["image_id"][i]) if "image_id" in cols else default_id
+        fp = str(cols["fingerprint"][i]) if "fingerprint" in cols else uri
+        label = str(cols["label"][i]) if "label" in cols else ""
+        out.append(ImageRecord(image_id, full, fp, label))
+    return out

@@ -1,0 +1,135 @@
+"""fsspec primitives, the single I/O path: URL resolution, whole-object reads and writes of bytes, JSON and Parquet."""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import uuid
+from typing import Any, Sequence
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class StorageError(RuntimeError):
+    """A location cannot be read or written."""
+
+
+def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Resolve a URL (local path, file://, s3://, ...) to a filesystem and a path on it.
+
+    Args:
+        url: the URL.
+        storage_options: fsspec options for the protocol (credentials, endpoint).
+
+    Returns:
+        (filesystem, path).
+    """
+    opts = dict(storage_options or {})
+    if (fsspec.core.split_protocol(url)[0] or "file") not in ("file", "local"):
+        # Other processes (Ray workers, a concurrent run) write under the same prefixes: a cached listing would hide
+        # their objects, both from later listings and from reads (s3fs answers FileNotFoundError for any key that a
+        # cached listing of its folder lacks). Listings are therefore never cached unless the caller asks for it.
+        opts.setdefault("use_listings_cache", False)
+    fs, path = fsspec.core.url_to_fs(url, **opts)
+    return fs, path.rstrip("/") if path not in ("/", "") else path
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL parts with '/', keeping the protocol."""
+    return "/".join([url.rstrip("/")] + [p.strip("/") for p in parts])
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local filesystem (the only one here whose folders must exist before a write)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "file" in protocols or "local" in protocols
+
+
+def fresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Drop fsspec's cached listings of ``path`` (s3fs keeps a per-instance directory cache that never sees objects
+    written by other processes, e.g. Ray workers; a stale listing would hide done-markers)."""
+    try:
+        fs.invalidate_cache(path)
+    except Exception:  # noqa: BLE001 - a cache that cannot be dropped is not an error
+        pass
+
+
+def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path on ``fs`` back to a URL that fsspec opens."""
+    return fs.unstrip_protocol(path)
+
+
+def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Fail fast when an output location cannot be written: write and delete a small probe object.
+
+    Args:
+        url: output URL.
+        storage_options: fsspec options.
+
+    Raises:
+        StorageError: with the reason, before any work starts.
+    """
+    try:
+        fs, root = url_to_fs(url, storage_options)
+        if is_local(fs):
+            fs.makedirs(root, exist_ok=True)  # object stores have no folders; never create a missing bucket
+        probe = posixpath.join(root, f"_probe-{uuid.uuid4().hex}")
+        fs.pipe_file(probe, b"ok")
+        fs.rm_file(probe)
+    except Exception as e:  # noqa: BLE001 - translate any backend error into one clear message
+        raise StorageError(f"cannot write to output {url}: {type(e).__name__}: {e}") from None
+
+
+def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """Read a whole object."""
+    fs, path = url_to_fs(uri, storage_options)
+    return fs.cat_file(path)
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write a whole object (creating parent folders on local filesystems)."""
+    fs, path = url_to_fs(url, storage_options)
+    parent = posixpath.dirname(path)
+    if parent and is_local(fs):
+        fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def write_json(url: str, obj: Any, storage_options: dict[str, Any] | None = None) -> None:
+    """Write an object as indented JSON."""
+    write_bytes(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), storage_options)
+
+
+def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """Read a JSON object."""
+    return json.loads(read_bytes(url, storage_options))
+
+
+def write_parquet(url: str, table: pa.Table, storage_options: dict[str, Any] | None = None) -> None:
+    """Write a table as one Parquet file (zstd) through fsspec."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes(url, buf.getvalue(), storage_options)
+
+
+def read_parquet(url: str, storage_options: dict[str, Any] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read one Parquet file through fsspec."""
+    fs, path = url_to_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=list(columns) if columns else None)
+
+
+def write_npy(url: str, a: np.ndarray, storage_options: dict[str, Any] | None = None) -> None:
+    """Write an array as one .npy object (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    write_bytes(url, buf.getvalue(), storage_options)
+
+
+def read_npy(url: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """Read a .npy object (pickles refused)."""
+    return np.load(io.BytesIO(read_bytes(url, storage_options)), allow_pickle=False)

@@ -1,0 +1,1 @@
+"""The region model: backbones, region proposers, recognition network, pooling formulas, batching, composition."""

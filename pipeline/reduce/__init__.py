@@ -1,0 +1,1 @@
+"""The reduce stage: PCA and fusion, faiss index choice and building, the index job."""

@@ -1,0 +1,1 @@
+"""Search: describing queries, faiss search, region re-ranking and query expansion."""
