@@ -49,7 +49,7 @@ class HasStorage:
     @functools.cached_property
     def fs_options(self) -> dict[str, Any]:
         """The parsed storage options (validated: a ConfigError when they are not a JSON object)."""
-        return self.fs_options
+        return parse_storage_options(self.storage_options)
 
 
 def _check_choices(cfg: Any) -> None:
