@@ -9,23 +9,24 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-import _common
+import _common  # noqa: F401  (puts the checkout on sys.path)
 
 from pipeline.bench.runner import run
-from pipeline.config import SAMPLE_DATA, BenchmarkConfig, parse_args
+from pipeline.cli import run_job
+from pipeline.config import SAMPLE_DATA, BenchmarkConfig
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(BenchmarkConfig, argv, "jobs/benchmark.py", __doc__.splitlines()[0])
-    if not cfg.dataset:
-        cfg = dataclasses.replace(cfg, dataset=str(SAMPLE_DATA))
-    _common.setup_logging()
-    _common.log_config("benchmark", cfg)
+def benchmark(cfg: BenchmarkConfig) -> int:
     report = run(cfg)
     print(f"\n{report['dataset']} ({report['protocol']} protocol, {report['images']} images, {report['queries']} queries)")
     print(f"metric: {report['metric']}\n")
     print(report["table"])
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(BenchmarkConfig, argv, "jobs/benchmark.py", __doc__.splitlines()[0], benchmark,
+                   resolve=lambda c: c if c.dataset else dataclasses.replace(c, dataset=str(SAMPLE_DATA)))
 
 
 if __name__ == "__main__":

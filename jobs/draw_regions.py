@@ -12,9 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
-import _common
+import _common  # noqa: F401  (puts the checkout on sys.path)
 
 from pipeline.bench.report import draw_regions_sheet, save_png
+from pipeline.cli import log_config, setup_logging
 from pipeline.config import BACKBONES, PROPOSERS, ConfigError, ModelConfig
 from pipeline.io.images import decode_image
 from pipeline.io.listing import IMAGE_EXTS
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.validate()
     except ConfigError as e:
         p.error(str(e))
-    _common.setup_logging()
-    _common.log_config("draw_regions", cfg)
+    setup_logging()
+    log_config("draw_regions", cfg)
 
     files = pick_images(args.images, args.n)
     decoded, names = [], []

@@ -12,33 +12,29 @@ import sys
 
 import _common  # noqa: F401  (puts the checkout on sys.path)
 
-from pipeline.config import SAMPLE_DATA, ConfigError, ExtractConfig, parse_args
+from pipeline.cli import run_job
+from pipeline.config import SAMPLE_DATA, ExtractConfig
 from pipeline.extract.ray_runner import init_ray, run_ray
 from pipeline.extract.worker import preflight, run_local
-from pipeline.io.storage import StorageError
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(ExtractConfig, argv, "jobs/extract.py", __doc__.splitlines()[0])
-    if not cfg.input:
-        cfg = dataclasses.replace(cfg, input=str(SAMPLE_DATA))
-    _common.setup_logging()
-    _common.log_config("extract", cfg)
-    try:
-        preflight(cfg, cfg.fs_options)  # unreachable input / unwritable output: before Ray
-        if cfg.in_process:
-            manifest = run_local(cfg)
-        else:
-            init_ray()
-            manifest = run_ray(cfg)
-    except (StorageError, ConfigError) as e:
-        print(f"jobs/extract.py: error: {e}", file=sys.stderr)
-        return 2
+def extract(cfg: ExtractConfig) -> int:
+    preflight(cfg, cfg.fs_options)  # unreachable input / unwritable output: before Ray
+    if cfg.in_process:
+        manifest = run_local(cfg)
+    else:
+        init_ray()
+        manifest = run_ray(cfg)
     run = manifest["run"]
     print(json.dumps({"output": cfg.output, **{k: run[k] for k in ("images", "ok", "errors", "statuses", "regions",
                                                                    "skipped_already_done", "deleted", "elapsed_s",
                                                                    "images_per_s")}}, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(ExtractConfig, argv, "jobs/extract.py", __doc__.splitlines()[0], extract,
+                   resolve=lambda c: c if c.input else dataclasses.replace(c, input=str(SAMPLE_DATA)))
 
 
 if __name__ == "__main__":

@@ -8,19 +8,21 @@ from __future__ import annotations
 import json
 import sys
 
-import _common
+import _common  # noqa: F401  (puts the checkout on sys.path)
 
-from pipeline.config import IndexConfig, parse_args
+from pipeline.cli import run_job
+from pipeline.config import IndexConfig
 from pipeline.reduce.build import build
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(IndexConfig, argv, "jobs/index.py", __doc__.splitlines()[0])
-    _common.setup_logging()
-    _common.log_config("index", cfg)
+def index(cfg: IndexConfig) -> int:
     marker = build(cfg)
     print(json.dumps({k: marker[k] for k in ("images", "regions", "factory", "dims", "seconds")}, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(IndexConfig, argv, "jobs/index.py", __doc__.splitlines()[0], index)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,9 @@ import sys
 import typing
 from typing import Any
 
-import _common
-
-from pipeline.config import ConfigError, ExtractConfig, HasStorage, IndexConfig, ModelConfig, parse_args
-from pipeline.config import build_parser as _build_parser
-from pipeline.io.storage import StorageError
+from pipeline.cli import build_parser as _build_parser
+from pipeline.cli import run_job
+from pipeline.config import ConfigError, ExtractConfig, HasStorage, IndexConfig, ModelConfig
 from pipeline.store import versions as pub
 
 
@@ -149,20 +147,17 @@ def reindex(cfg: Any) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(ReindexConfig, argv, "jobs/reindex.py", __doc__.splitlines()[0])
-    _common.setup_logging()
-    _common.log_config("reindex", cfg)
-    try:
-        if cfg.rollback:
-            out: dict[str, Any] = {"root": cfg.root, "current": pub.rollback(cfg.root, cfg.fs_options)}
-        else:
-            out = reindex(cfg)
-    except (StorageError, ConfigError, pub.PublishError) as e:
-        print(f"jobs/reindex.py: error: {e}", file=sys.stderr)
-        return 2
+def run(cfg: Any) -> int:
+    if cfg.rollback:
+        out: dict[str, Any] = {"root": cfg.root, "current": pub.rollback(cfg.root, cfg.fs_options)}
+    else:
+        out = reindex(cfg)
     print(json.dumps(out, indent=2, default=str))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(ReindexConfig, argv, "jobs/reindex.py", __doc__.splitlines()[0], run)
 
 
 if __name__ == "__main__":

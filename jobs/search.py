@@ -10,23 +10,26 @@ import dataclasses
 import json
 import sys
 
-import _common
+import _common  # noqa: F401  (puts the checkout on sys.path)
 
 from pipeline.bench.report import markdown_table
-from pipeline.config import SearchConfig, parse_args
+from pipeline.cli import run_job
+from pipeline.config import SearchConfig
 from pipeline.retrieval.search import Searcher
 from pipeline.store.versions import resolve_index
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(SearchConfig, argv, "jobs/search.py", __doc__.splitlines()[0])
-    _common.setup_logging()
+def search(cfg: SearchConfig) -> int:
     so = cfg.fs_options
     searcher = Searcher(resolve_index(cfg.index, so), so)  # a re-index root: the version its CURRENT names
     hits = searcher.search([cfg.image], top_k=cfg.top_k, rerank=cfg.rerank, qe=cfg.qe, space=cfg.space)[0]
     rows = [dataclasses.asdict(h) for h in hits]
     print(json.dumps(rows, indent=2) if cfg.json else markdown_table(rows, ["rank", "image_id", "uri", "score"]))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(SearchConfig, argv, "jobs/search.py", __doc__.splitlines()[0], search)
 
 
 if __name__ == "__main__":

@@ -15,25 +15,21 @@ import sys
 
 import _common  # noqa: F401  (puts the checkout on sys.path)
 
-from pipeline.config import ConfigError, parse_args
+from pipeline.cli import run_job
 from pipeline.densecap.train import TrainConfig, fit, prepare_data, summary
 from pipeline.extract.ray_runner import init_ray
-from pipeline.io.storage import StorageError
+
+
+def train(cfg: TrainConfig) -> int:
+    prepared = prepare_data(cfg)  # unreadable data, unwritable output, a resume with another config: before Ray
+    init_ray()
+    result = fit(cfg, prepared=prepared)
+    print(json.dumps(summary(result), indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(TrainConfig, argv, "jobs/train_regions.py", __doc__.splitlines()[0])
-    _common.setup_logging()
-    _common.log_config("train_regions", cfg)
-    try:
-        prepared = prepare_data(cfg)  # unreadable data, unwritable output, a resume with another config: before Ray
-        init_ray()
-        result = fit(cfg, prepared=prepared)
-    except (StorageError, ConfigError) as e:
-        print(f"jobs/train_regions.py: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary(result), indent=2))
-    return 0
+    return run_job(TrainConfig, argv, "jobs/train_regions.py", __doc__.splitlines()[0], train)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
@@ -11,7 +10,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO_ROOT / "data" / "caltech8"
@@ -362,44 +361,3 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     cfg = cls(**kwargs)
     cfg.validate()  # type: ignore[attr-defined]
     return cfg
-
-
-def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per dataclass field (``--max-side``), help and choices from metadata."""
-    # allow_abbrev=False: a misspelt or shortened flag (--max-s, --shard) is an error, not a silent prefix match.
-    p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        meta = f.metadata
-        typ = hints[f.name]
-        if typ is bool:
-            # BooleanOptionalAction reads any "--no-..." flag as the negation: a field named no_x could never be set.
-            assert not f.name.startswith("no_"), f"boolean field {f.name} would be unreachable as --{f.name}"
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=meta.get("help"))
-        else:
-            p.add_argument(flag, dest=f.name, type=typ, default=f.default, choices=meta.get("choices"),
-                           required=bool(meta.get("required")), help=meta.get("help"))
-    return p
-
-
-def parse_args(cls: type[T], argv: Sequence[str] | None, prog: str, description: str) -> T:
-    """Parse CLI flags into a validated config; argparse rejects unknown flags, validation the rest.
-
-    Args:
-        cls: the config dataclass.
-        argv: arguments (None = sys.argv[1:]).
-        prog: program name for --help.
-        description: --help text.
-
-    Returns:
-        The validated config.
-    """
-    parser = build_parser(cls, prog, description)
-    ns = parser.parse_args(argv)
-    try:
-        return from_dict(cls, vars(ns))
-    except ConfigError as e:
-        parser.error(str(e))
-        raise  # unreachable: parser.error exits

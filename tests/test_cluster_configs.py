@@ -13,16 +13,8 @@ import pytest
 import yaml
 from _jobs import load_job
 
-from pipeline.config import (
-    BenchmarkConfig,
-    ConfigError,
-    ExtractConfig,
-    IndexConfig,
-    SearchConfig,
-    build_parser,
-    from_dict,
-    parse_args,
-)
+from pipeline.cli import build_parser, parse_args
+from pipeline.config import BenchmarkConfig, ConfigError, ExtractConfig, IndexConfig, SearchConfig, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import build_parser, parse_args
 from pipeline.config import (
     SECRET_FIELDS,
     ConfigError,
@@ -18,10 +19,8 @@ from pipeline.config import (
     IndexConfig,
     ModelConfig,
     SearchConfig,
-    build_parser,
     config_hash,
     from_dict,
-    parse_args,
     public_dict,
 )
 

@@ -14,7 +14,8 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
-from pipeline.config import ConfigError, ExtractConfig, ModelConfig, from_dict, parse_args
+from pipeline.cli import parse_args
+from pipeline.config import ConfigError, ExtractConfig, ModelConfig, from_dict
 from pipeline.densecap import train as T
 from pipeline.io.images import decode_image
 from pipeline.model.proposals import proposal_recall

@@ -26,6 +26,7 @@ import uuid
 from typing import Any
 
 from pipeline.io import storage
+from pipeline.io.storage import StorageError
 from pipeline.store import feature_store as fstore
 from pipeline.store import index_store as layout
 
@@ -40,7 +41,7 @@ MIN_KEEP = 2  # the version just replaced stays: a reader that resolved the poin
 _VERSION_RE = re.compile(r"^v(\d{6})-(\d{8}T\d{6}Z)$")
 
 
-class PublishError(RuntimeError):
+class PublishError(StorageError):
     """A version cannot be published or rolled back to."""
 
 
