@@ -6,8 +6,9 @@ import math
 from collections.abc import Iterable
 
 import faiss
-import fsspec
 import numpy as np
+
+from pipeline.io import storage
 
 # Corpora up to this size are searched exactly when they fit in memory: brute force over 200k
 # vectors is still interactive on a CPU, and exact results need no tuning.
@@ -228,15 +229,12 @@ def save_index(index: faiss.Index, url: str, storage_options: dict | None = None
 
     Args:
         index: the index.
-        url: destination; for local paths the parent directory must exist
-            (or pass ``storage_options={"auto_mkdir": True}``).
-        storage_options: forwarded to ``fsspec.open`` (e.g. S3 endpoint and keys).
+        url: destination.
+        storage_options: fsspec options (e.g. S3 endpoint and keys).
     """
     # serialize_index gives faiss's native on-disk format in memory, which lets fsspec write it
     # anywhere (faiss.write_index only knows local paths).
-    data = faiss.serialize_index(index)
-    with fsspec.open(url, "wb", **(storage_options or {})) as f:
-        f.write(data.tobytes())
+    storage.write_bytes(url, faiss.serialize_index(index).tobytes(), storage_options)
 
 
 def load_index(url: str, storage_options: dict | None = None) -> faiss.Index:
@@ -244,13 +242,12 @@ def load_index(url: str, storage_options: dict | None = None) -> faiss.Index:
 
     Args:
         url: source fsspec URL.
-        storage_options: forwarded to ``fsspec.open``.
+        storage_options: fsspec options.
 
     Returns:
         The index (search parameters such as ``nprobe`` are stored with it).
     """
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:
-        data = f.read()
+    data = storage.read_bytes(url, storage_options)
     # A zero-copy uint8 view of the bytes: deserialize_index only reads it.
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
+
+from pipeline.io import storage
 
 # Bumped whenever the .npz layout written by PCA.to_bytes changes, so that an old
 # file is rejected with a clear message instead of being misread.
@@ -201,12 +202,10 @@ class PCA:
         """Write :meth:`to_bytes` to any fsspec URL (local path, ``file://``, ``s3://`` ...).
 
         Args:
-            url: destination; for local paths the parent directory must exist
-                (or pass ``storage_options={"auto_mkdir": True}``).
-            storage_options: forwarded to ``fsspec.open`` (e.g. S3 endpoint and keys).
+            url: destination.
+            storage_options: fsspec options (e.g. S3 endpoint and keys).
         """
-        with fsspec.open(url, "wb", **(storage_options or {})) as f:
-            f.write(self.to_bytes())
+        storage.write_bytes(url, self.to_bytes(), storage_options)
 
     @classmethod
     def load(cls, url: str, storage_options: dict | None = None) -> PCA:
@@ -214,13 +213,12 @@ class PCA:
 
         Args:
             url: source fsspec URL.
-            storage_options: forwarded to ``fsspec.open``.
+            storage_options: fsspec options.
 
         Returns:
             The :class:`PCA`.
         """
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            return cls.from_bytes(f.read())
+        return cls.from_bytes(storage.read_bytes(url, storage_options))
 
 
 def fuse(global_desc: np.ndarray, local_desc: np.ndarray, local_weight: float = 1.0) -> np.ndarray:
