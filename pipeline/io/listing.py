@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
 import posixpath
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +84,7 @@ def list_images(input_url: str, storage_options: dict[str, Any] | None = None) -
         found = fs.find(root, detail=True)
         records = []
         for path, info in found.items():
-            if not path.lower().endswith(IMAGE_EXTS) or info.get("type") == "directory":
+            if not path.lower().endswith(IMAGE_EXTS) or not _is_regular_file(path, info):
                 continue
             rel = posixpath.relpath(path, root)
             records.append(ImageRecord(rel, unstrip(fs, path), _fingerprint(info)))
@@ -93,6 +95,20 @@ def list_images(input_url: str, storage_options: dict[str, Any] | None = None) -
     return records
 
 
+def _is_regular_file(path: str, info: dict[str, Any]) -> bool:
+    """Whether a listed entry is a regular file, following symlinks: a FIFO blocks its reader forever and a link to a
+    device such as /dev/zero never ends, so neither is an image (fsspec's local listings call both, and every link,
+    "other")."""
+    if info.get("type") == "file":
+        return True
+    if info.get("islink"):
+        try:
+            return stat.S_ISREG(os.stat(path).st_mode)
+        except OSError:  # a dangling link
+            return False
+    return False
+
+
 def _read_manifest(fs: fsspec.AbstractFileSystem, path: str) -> list[ImageRecord]:
     """Read a Parquet or CSV manifest of image URIs (no code from the input is ever executed: plain tables only)."""
     if path.lower().endswith(".parquet"):
@@ -100,12 +116,17 @@ def _read_manifest(fs: fsspec.AbstractFileSystem, path: str) -> list[ImageRecord
             table = pq.read_table(f)
         cols = {c: table.column(c).to_pylist() for c in table.column_names}
     else:
-        with fs.open(path, "rt", newline="") as f:
-            rows = list(csv.DictReader(f))
-        cols = {c: [r[c] for r in rows] for c in (rows[0].keys() if rows else [])}
+        # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name.
+        with fs.open(path, "rt", newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+        cols = {c: [r[c] for r in rows] for c in header}
     uri_col = next((c for c in ("uri", "url", "path") if c in cols), None)
     if uri_col is None:
         raise StorageError(f"manifest {path} needs a 'uri', 'url' or 'path' column; has {sorted(cols)}")
+    if not cols[uri_col]:
+        raise StorageError(f"manifest {path} has no rows")
     base = posixpath.dirname(path)
     out = []
     for i, uri in enumerate(cols[uri_col]):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
+import stat
 import uuid
 from typing import Any, Sequence
 
@@ -21,6 +23,9 @@ class StorageError(RuntimeError):
 def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Resolve a URL (local path, file://, s3://, ...) to a filesystem and a path on it.
 
+    A URL names one filesystem: unlike ``fsspec.core.url_to_fs``, "::" is not read as a chain of filesystems, because
+    it is an ordinary character of file names ("a::b.jpg" must be that file, not "a").
+
     Args:
         url: the URL.
         storage_options: fsspec options for the protocol (credentials, endpoint).
@@ -29,12 +34,15 @@ def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
         (filesystem, path).
     """
     opts = dict(storage_options or {})
-    if (fsspec.core.split_protocol(url)[0] or "file") not in ("file", "local"):
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    if protocol not in ("file", "local"):
         # Other processes (Ray workers, a concurrent run) write under the same prefixes: a cached listing would hide
         # their objects, both from later listings and from reads (s3fs answers FileNotFoundError for any key that a
         # cached listing of its folder lacks). Listings are therefore never cached unless the caller asks for it.
         opts.setdefault("use_listings_cache", False)
-    fs, path = fsspec.core.url_to_fs(url, **opts)
+    cls = fsspec.get_filesystem_class(protocol)
+    fs = cls(**{**cls._get_kwargs_from_urls(url), **opts})  # fsspec caches instances by their arguments
+    path = cls._strip_protocol(url)
     return fs, path.rstrip("/") if path not in ("/", "") else path
 
 
@@ -84,10 +92,42 @@ def check_writable(url: str, storage_options: dict[str, Any] | None = None) -> N
         raise StorageError(f"cannot write to output {url}: {type(e).__name__}: {e}") from None
 
 
-def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    """Read a whole object."""
+class TooLarge(StorageError):
+    """An object is larger than the caller's byte limit."""
+
+
+class NotAFile(StorageError):
+    """A local path is not a regular file (a FIFO, a device, a socket): reading it could block or never end."""
+
+
+def read_bytes(uri: str, storage_options: dict[str, Any] | None = None, max_bytes: int | None = None) -> bytes:
+    """Read a whole object.
+
+    Args:
+        uri: the object's URL.
+        storage_options: fsspec options.
+        max_bytes: refuse objects larger than this (None: no limit); at most ``max_bytes + 1`` bytes are ever read,
+            so an endless or huge source cannot exhaust memory.
+
+    Returns:
+        The bytes.
+
+    Raises:
+        TooLarge: the object has more than ``max_bytes`` bytes.
+        NotAFile: a local path that is not a regular file.
+    """
     fs, path = url_to_fs(uri, storage_options)
-    return fs.cat_file(path)
+    if is_local(fs):
+        mode = os.stat(path).st_mode  # follows symlinks: a link to /dev/zero is a device
+        if not stat.S_ISREG(mode):
+            raise NotAFile(f"{uri} is not a regular file")
+    if max_bytes is None:
+        return fs.cat_file(path)
+    with fs.open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise TooLarge(f"{uri} has more than {max_bytes} bytes")
+    return data
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
