@@ -45,8 +45,8 @@ def test_region_store_follows_id_map(tiny_features, tmp_path):
     out = str(tmp_path / "index")
     _build(tiny_features["features"], out)
     ids = storage.read_parquet(storage.join(out, layout.IDS)).column("image_id").to_pylist()
-    regions = storage.read_npy(storage.join(out, layout.REGIONS))
-    offsets = storage.read_npy(storage.join(out, layout.OFFSETS))
+    regions = storage.npy_from_bytes(storage.read_bytes(storage.join(out, layout.REGIONS)))
+    offsets = storage.npy_from_bytes(storage.read_bytes(storage.join(out, layout.OFFSETS)))
     assert offsets[0] == 0 and offsets[-1] == len(regions) and len(offsets) == len(ids) + 1
     r = fstore.read_live_table(tiny_features["features"], "regions")
     for row in (0, 7, len(ids) - 1):
@@ -90,3 +90,41 @@ def _exact(tiny_features, tmp_path) -> str:
     out = str(tmp_path / "flat")
     _build(tiny_features["features"], out)
     return out
+
+
+def test_a_rebuild_killed_mid_write_is_not_served(tiny_features, tmp_path, monkeypatch):
+    """A second build into the same folder dies after overwriting some files: no search may load the mix."""
+    from pipeline.retrieval.search import Searcher
+
+    out = str(tmp_path / "index")
+    _build(tiny_features["features"], out)
+    Searcher(out)  # the finished build loads
+
+    real = storage.write_bytes
+
+    def die_on_the_region_store(url, data, so=None):
+        if url.endswith(layout.REGIONS):
+            raise KeyboardInterrupt("killed")
+        return real(url, data, so)
+
+    monkeypatch.setattr(storage, "write_bytes", die_on_the_region_store)
+    with pytest.raises(KeyboardInterrupt):
+        rd.build(IndexConfig(features=tiny_features["features"], output=out, pca_dim=8))  # other files than the first
+    monkeypatch.undo()
+    with pytest.raises(storage.StorageError, match="no finished index"):
+        Searcher(out)
+
+
+def test_a_file_overwritten_after_the_marker_is_refused(tiny_features, tmp_path):
+    """Files that are not the ones the marker describes (copied from another build) are refused, not served."""
+    from pipeline.retrieval.search import Searcher
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _build(tiny_features["features"], a)
+    rd.build(IndexConfig(features=tiny_features["features"], output=b, pca_dim=8))
+    storage.write_bytes(storage.join(a, layout.PCA_FUSED), storage.read_bytes(storage.join(b, layout.PCA_FUSED)))
+    with pytest.raises(storage.StorageError, match="not the file"):
+        Searcher(a)
+    marker = storage.read_json(storage.join(b, layout.DONE))
+    assert set(marker["files"]) == {layout.PCA_FUSED, layout.PCA_CROW, layout.INDEX_FUSED, layout.INDEX_CROW,
+                                    layout.IDS, layout.REGIONS, layout.OFFSETS}

@@ -149,11 +149,33 @@ def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
     return json.loads(read_bytes(url, storage_options))
 
 
-def write_parquet(url: str, table: pa.Table, storage_options: dict[str, Any] | None = None) -> None:
-    """Write a table as one Parquet file (zstd) through fsspec."""
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as one Parquet file's bytes (zstd)."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    write_bytes(url, buf.getvalue(), storage_options)
+    return buf.getvalue()
+
+
+def parquet_from_bytes(data: bytes) -> pa.Table:
+    """A table from one Parquet file's bytes."""
+    return pq.read_table(pa.BufferReader(data))
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    """An array as .npy bytes (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_from_bytes(data: bytes) -> np.ndarray:
+    """An array from .npy bytes (pickles refused)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def write_parquet(url: str, table: pa.Table, storage_options: dict[str, Any] | None = None) -> None:
+    """Write a table as one Parquet file (zstd) through fsspec."""
+    write_bytes(url, parquet_bytes(table), storage_options)
 
 
 def read_parquet(url: str, storage_options: dict[str, Any] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
@@ -161,15 +183,3 @@ def read_parquet(url: str, storage_options: dict[str, Any] | None = None, column
     fs, path = url_to_fs(url, storage_options)
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=list(columns) if columns else None)
-
-
-def write_npy(url: str, a: np.ndarray, storage_options: dict[str, Any] | None = None) -> None:
-    """Write an array as one .npy object (no pickle)."""
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    write_bytes(url, buf.getvalue(), storage_options)
-
-
-def read_npy(url: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
-    """Read a .npy object (pickles refused)."""
-    return np.load(io.BytesIO(read_bytes(url, storage_options)), allow_pickle=False)

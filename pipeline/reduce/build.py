@@ -143,20 +143,22 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
     regions = np.concatenate(region_chunks) if region_chunks else np.zeros((0, 1), np.float16)
     t2 = time.perf_counter()
 
-    out = cfg.output
-    pca_f.save(storage.join(out, layout.PCA_FUSED), so)
-    pca_c.save(storage.join(out, layout.PCA_CROW), so)
-    fx.save_index(idx_f, storage.join(out, layout.INDEX_FUSED), so)
-    fx.save_index(idx_c, storage.join(out, layout.INDEX_CROW), so)
-    storage.write_parquet(storage.join(out, layout.IDS), pa.table({"row": pa.array(np.arange(len(ids)), pa.int64()),
-                                                             "image_id": ids, "uri": uris}), so)
-    storage.write_npy(storage.join(out, layout.REGIONS), regions, so)
-    storage.write_npy(storage.join(out, layout.OFFSETS), offsets, so)
+    # The old done-marker goes before the first file is overwritten, the new one comes last with every file's
+    # checksum: a build killed in between leaves no finished index, never a mix of two builds.
+    w = layout.IndexWriter(cfg.output, so)
+    w.write(layout.PCA_FUSED, pca_f.to_bytes())
+    w.write(layout.PCA_CROW, pca_c.to_bytes())
+    w.write(layout.INDEX_FUSED, fx.index_bytes(idx_f))
+    w.write(layout.INDEX_CROW, fx.index_bytes(idx_c))
+    w.write(layout.IDS, storage.parquet_bytes(pa.table({"row": pa.array(np.arange(len(ids)), pa.int64()),
+                                                        "image_id": ids, "uri": uris})))
+    w.write(layout.REGIONS, storage.npy_bytes(regions))
+    w.write(layout.OFFSETS, storage.npy_bytes(offsets))
     features_cfg = storage.read_json(storage.join(cfg.features, fstore.CONFIG), so)
-    marker = {"config": public_dict(cfg), "model": features_cfg["model"], "model_hash": features_cfg["model_hash"],
-              "images": len(ids), "regions": int(offsets[-1]), "factory": {"fused": fact_f, "crow": fact_c},
-              "dims": {"fused": pca_f.dim, "crow": pca_c.dim},
-              "seconds": {"pca": round(t1 - t0, 3), "index": round(t2 - t1, 3), "write": round(time.perf_counter() - t2, 3)},
-              "finished": fstore.now()}
-    storage.write_json(storage.join(out, layout.DONE), marker, so)  # last: readers only trust a finished index
+    marker = w.finish({
+        "config": public_dict(cfg), "model": features_cfg["model"], "model_hash": features_cfg["model_hash"],
+        "images": len(ids), "regions": int(offsets[-1]), "factory": {"fused": fact_f, "crow": fact_c},
+        "dims": {"fused": pca_f.dim, "crow": pca_c.dim},
+        "seconds": {"pca": round(t1 - t0, 3), "index": round(t2 - t1, 3), "write": round(time.perf_counter() - t2, 3)},
+        "finished": fstore.now()})
     return marker

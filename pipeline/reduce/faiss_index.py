@@ -224,6 +224,18 @@ def set_search_params(
     return applied
 
 
+def index_bytes(index: faiss.Index) -> bytes:
+    """An index in faiss's native serialised format (what ``faiss.write_index`` writes), as bytes: in memory, so that
+    fsspec can write it anywhere (faiss itself only knows local paths)."""
+    return faiss.serialize_index(index).tobytes()
+
+
+def index_from_bytes(data: bytes) -> faiss.Index:
+    """An index from :func:`index_bytes` (search parameters such as ``nprobe`` are stored with it)."""
+    # A zero-copy uint8 view of the bytes: deserialize_index only reads it.
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
 def save_index(index: faiss.Index, url: str, storage_options: dict | None = None) -> None:
     """Serialise an index to any fsspec URL (local path, ``file://``, ``s3://`` ...).
 
@@ -232,9 +244,7 @@ def save_index(index: faiss.Index, url: str, storage_options: dict | None = None
         url: destination.
         storage_options: fsspec options (e.g. S3 endpoint and keys).
     """
-    # serialize_index gives faiss's native on-disk format in memory, which lets fsspec write it
-    # anywhere (faiss.write_index only knows local paths).
-    storage.write_bytes(url, faiss.serialize_index(index).tobytes(), storage_options)
+    storage.write_bytes(url, index_bytes(index), storage_options)
 
 
 def load_index(url: str, storage_options: dict | None = None) -> faiss.Index:
@@ -247,9 +257,7 @@ def load_index(url: str, storage_options: dict | None = None) -> faiss.Index:
     Returns:
         The index (search parameters such as ``nprobe`` are stored with it).
     """
-    data = storage.read_bytes(url, storage_options)
-    # A zero-copy uint8 view of the bytes: deserialize_index only reads it.
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    return index_from_bytes(storage.read_bytes(url, storage_options))
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

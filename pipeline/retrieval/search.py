@@ -41,21 +41,23 @@ class Searcher:
     def __init__(self, index_url: str, storage_options: dict[str, Any] | None = None, model: Any = None) -> None:
         so = storage_options or {}
         self.so = so
-        done = storage.join(index_url, layout.DONE)
-        fs, path = storage.url_to_fs(done, so)
-        if not fs.exists(path):
-            raise storage.StorageError(f"{index_url} holds no finished index (no {layout.DONE}); run jobs/index.py")
-        self.meta = storage.read_json(done, so)
+        files = layout.IndexReader(index_url, so)  # refuses an unfinished build and files a later build overwrote
+        self.meta = files.marker
         self.local_weight = float(self.meta["config"]["local_weight"])
-        self.pca = {"fused": PCA.load(storage.join(index_url, layout.PCA_FUSED), so),
-                    "crow": PCA.load(storage.join(index_url, layout.PCA_CROW), so)}
-        self.index = {"fused": fx.load_index(storage.join(index_url, layout.INDEX_FUSED), so),
-                      "crow": fx.load_index(storage.join(index_url, layout.INDEX_CROW), so)}
-        t = storage.read_parquet(storage.join(index_url, layout.IDS), so)
+        self.pca = {"fused": PCA.from_bytes(files.read(layout.PCA_FUSED)),
+                    "crow": PCA.from_bytes(files.read(layout.PCA_CROW))}
+        self.index = {"fused": fx.index_from_bytes(files.read(layout.INDEX_FUSED)),
+                      "crow": fx.index_from_bytes(files.read(layout.INDEX_CROW))}
+        t = storage.parquet_from_bytes(files.read(layout.IDS))
         self.ids = t.column("image_id").to_pylist()
         self.uris = t.column("uri").to_pylist()
-        self.regions = storage.read_npy(storage.join(index_url, layout.REGIONS), so)
-        self.offsets = storage.read_npy(storage.join(index_url, layout.OFFSETS), so)
+        self.regions = storage.npy_from_bytes(files.read(layout.REGIONS))
+        self.offsets = storage.npy_from_bytes(files.read(layout.OFFSETS))
+        n = int(self.meta["images"])
+        if not (len(self.ids) == self.index["fused"].ntotal == self.index["crow"].ntotal == len(self.offsets) - 1 == n
+                and int(self.offsets[-1]) == len(self.regions) == int(self.meta["regions"])):
+            raise storage.StorageError(f"{index_url}: the index files disagree with their {layout.DONE} "
+                                       f"({n} images, {self.meta['regions']} regions); rebuild the index")
         self._model = model
 
     @property
