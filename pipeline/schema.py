@@ -12,7 +12,6 @@ GLOBAL_KINDS = ("global", "spoc", "mac", "rmac", "gem", "crow")
 VECTOR_COLUMNS = GLOBAL_KINDS + ("local",)
 
 
-
 def _vec(dim: int, float16: bool) -> pa.DataType:
     """A fixed-size list of floats: one contiguous buffer per column, read back with one reshape."""
     return pa.list_(pa.float16() if float16 else pa.float32(), dim)
@@ -60,11 +59,6 @@ def regions_schema(dim: int, float16: bool = False) -> pa.Schema:
         pa.field("score", pa.float32(), nullable=False),
         pa.field("descriptor", _vec(dim, float16), nullable=False),
     ])
-
-
-def vector_type_dim(schema: pa.Schema, column: str) -> int:
-    """Dimension of a fixed-size-list vector column."""
-    return schema.field(column).type.list_size
 
 
 def to_table(rows: Mapping[str, list], schema: pa.Schema) -> pa.Table:
