@@ -82,7 +82,7 @@ def to_table(rows: Mapping[str, list], schema: pa.Schema) -> pa.Table:
 
 
 def vectors_to_arrow(vals: object, typ: pa.FixedSizeListType) -> pa.Array:
-    """Vectors (a 2-D array, or a list of 1-D arrays / None for missing) -> a FixedSizeListArray without per-value work."""
+    """Vectors (a 2-D array, or a list of 1-D arrays / None for missing) -> a FixedSizeListArray, no per-value work."""
     d = typ.list_size
     np_dtype = np.float16 if typ.value_type == pa.float16() else np.float32
     if isinstance(vals, np.ndarray):

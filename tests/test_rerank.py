@@ -1,4 +1,4 @@
-"""Tests for pipeline.retrieval.rerank: region re-ranking on a constructed case and against a loop reference; QE formulas."""
+"""Tests for pipeline.retrieval.rerank: region re-ranking on a constructed case and against a loop reference; AQE."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Offline retrieval benchmarks: one extraction, every method as a row, evaluated under a protocol -> report."""
+"""Offline benchmark runner: ground truth -> features -> corpus -> queries -> method rankings -> scores -> report."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Safe unpickling of ground-truth pickles: an allow-list unpickler that builds only plain containers and numpy arrays."""
+"""Safe unpickling of ground-truth pickles: an allow-list unpickler that builds only containers and numpy arrays."""
 
 from __future__ import annotations
 
