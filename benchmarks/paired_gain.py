@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.bench import datasets as ds  # noqa: E402
 from pipeline.bench import metrics as ev  # noqa: E402
-from pipeline.bench.runner import load_corpus, method_vectors, rank_all  # noqa: E402
+from pipeline.bench.corpus import load_corpus  # noqa: E402
+from pipeline.bench.methods import method_vectors  # noqa: E402
 from pipeline.config import BenchmarkConfig  # noqa: E402
 from pipeline.reduce.pca import l2n  # noqa: E402
 
@@ -43,14 +44,14 @@ def main() -> None:
     vec = method_vectors(c, BenchmarkConfig(report="-", local_weight=a.local_weight))
     p = {}
     for m in ("global", "ours"):
-        ranks = rank_all(vec[m][qrows], vec[m], 11)[0]
+        ranks = ev.rank_by_similarity(vec[m][qrows], vec[m], 11)
         p[m] = ev.precision_at_k(ranks, c.labels, c.labels[qrows], k=10, query_db_index=qrows)
     if a.other_global:
         o = load_corpus(a.other_global, a.dataset, c.paths, c.labels, {}, regions=1)
         if o.paths != c.paths:
             raise SystemExit("--other-global lacks some of the images")
         g2 = l2n(l2n(c.vectors["global"]) + l2n(o.vectors["global"]))
-        ranks = rank_all(g2[qrows], g2, 11)[0]
+        ranks = ev.rank_by_similarity(g2[qrows], g2, 11)
         p["global, both sizes"] = ev.precision_at_k(ranks, c.labels, c.labels[qrows], k=10, query_db_index=qrows)
     n = len(qrows)
     for m, v in p.items():

@@ -12,7 +12,6 @@ GLOBAL_KINDS = ("global", "spoc", "mac", "rmac", "gem", "crow")
 VECTOR_COLUMNS = GLOBAL_KINDS + ("local",)
 
 
-
 def _vec(dim: int, float16: bool) -> pa.DataType:
     """A fixed-size list of floats: one contiguous buffer per column, read back with one reshape."""
     return pa.list_(pa.float16() if float16 else pa.float32(), dim)
@@ -62,11 +61,6 @@ def regions_schema(dim: int, float16: bool = False) -> pa.Schema:
     ])
 
 
-def vector_type_dim(schema: pa.Schema, column: str) -> int:
-    """Dimension of a fixed-size-list vector column."""
-    return schema.field(column).type.list_size
-
-
 def to_table(rows: Mapping[str, list], schema: pa.Schema) -> pa.Table:
     """Build a table from column lists and cast it to ``schema`` (vectors given as 2-D numpy arrays or lists).
 
@@ -88,7 +82,7 @@ def to_table(rows: Mapping[str, list], schema: pa.Schema) -> pa.Table:
 
 
 def vectors_to_arrow(vals: object, typ: pa.FixedSizeListType) -> pa.Array:
-    """Vectors (a 2-D array, or a list of 1-D arrays / None for missing) -> a FixedSizeListArray without per-value work."""
+    """Vectors (a 2-D array, or a list of 1-D arrays / None for missing) -> a FixedSizeListArray, no per-value work."""
     d = typ.list_size
     np_dtype = np.float16 if typ.value_type == pa.float16() else np.float32
     if isinstance(vals, np.ndarray):

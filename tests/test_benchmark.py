@@ -1,4 +1,4 @@
-"""Tests of the benchmark runner (pipeline/benchmark.py): rows, report.json, the figure, protocol handling."""
+"""Tests of the benchmark runner (pipeline/bench/runner.py): rows, report.json, the figure, protocols, the corpus."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.bench import runner as bm
+from pipeline.bench.corpus import load_corpus
 from pipeline.config import BenchmarkConfig, from_dict
 
 
@@ -40,7 +41,7 @@ def test_category_protocol_excludes_query_and_matches_manual(tiny_features, tmp_
     report = bm.run(_cfg(tiny_features, str(tmp_path / "r"), protocol="category", queries=str(queries), k=2,
                          methods="global"))
     # Reference: brute-force cosine ranking with numpy, the query removed, top-2 same-class fraction.
-    c = bm.load_corpus(tiny_features["features"], tiny_features["images"],
+    c = load_corpus(tiny_features["features"], tiny_features["images"],
                        *_paths_labels(tiny_features["images"]), {})
     g = c.vectors["global"] / np.linalg.norm(c.vectors["global"], axis=1, keepdims=True)
     precs = []
@@ -66,11 +67,11 @@ def test_unknown_method_is_an_error(tiny_features, tmp_path):
 
 def test_top_k_regions_recompute_local_feature(tiny_features):
     paths, labels = _paths_labels(tiny_features["images"])
-    full = bm.load_corpus(tiny_features["features"], tiny_features["images"], paths, labels, {})
-    same = bm.load_corpus(tiny_features["features"], tiny_features["images"], paths, labels, {}, regions=3)
+    full = load_corpus(tiny_features["features"], tiny_features["images"], paths, labels, {})
+    same = load_corpus(tiny_features["features"], tiny_features["images"], paths, labels, {}, regions=3)
     # All 3 stored regions: the recomputed eq. (1)-(2) equals the stored local feature.
     np.testing.assert_allclose(same.vectors["local"], full.vectors["local"], atol=1e-6)
-    one = bm.load_corpus(tiny_features["features"], tiny_features["images"], paths, labels, {}, regions=1)
+    one = load_corpus(tiny_features["features"], tiny_features["images"], paths, labels, {}, regions=1)
     assert np.all(np.diff(one.offsets) <= 1)
     # One region: the local feature is that region's descriptor, L1-normalised; its direction is the stored region's.
     i = 5

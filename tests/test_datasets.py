@@ -1,4 +1,4 @@
-"""Tests for pipeline.bench.datasets: labelled sets, query lists, Oxford gt files (real ones too), safe gnd pickles."""
+"""Tests for pipeline.bench.datasets and safe_pickle: labelled sets, query lists, Oxford gt files, safe gnd pickles."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import pytest
 from pipeline.bench.datasets import (
     IMAGE_EXTS,
     LabelledSet,
-    SafeUnpickler,
     load_labelled_set,
     load_revisited_gnd,
     read_oxford_gt,
     read_query_list,
     sample_queries,
 )
+from pipeline.bench.safe_pickle import SafeUnpickler
 
 # CI clones the repository next to shared/, so the datasets sit two levels above this file's folder.
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"

@@ -1,4 +1,4 @@
-"""Tests for pipeline.retrieval.rerank: region re-ranking on a constructed case and against a loop reference; QE formulas."""
+"""Tests for pipeline.retrieval.rerank: region re-ranking on a constructed case and against a loop reference; AQE."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import pipeline.retrieval.rerank as rerank_mod
-from pipeline.retrieval.rerank import alpha_query_expansion, average_query_expansion, region_rerank
+from pipeline.retrieval.rerank import average_query_expansion, region_rerank
 
 
 def _reference_rerank(q, cand, init, regions, offsets, mode, alpha):
@@ -130,17 +130,6 @@ def test_average_query_expansion_formula():
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(average_query_expansion(q, db, ids, 3), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(average_query_expansion(q, db, ids, 0), q, rtol=1e-6)
-
-
-def test_alpha_query_expansion_formula():
-    q, db, ids, scores = _qe_data()
-    k, alpha = 4, 3.0
-    expected = q.astype(np.float64).copy()
-    for i in range(len(q)):
-        for j in range(k):
-            expected[i] += max(scores[i, j], 0.0) ** alpha * db[ids[i, j]]
-    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
-    np.testing.assert_allclose(alpha_query_expansion(q, db, ids, scores, k, alpha), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_query_expansion_ignores_padding():

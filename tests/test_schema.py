@@ -17,7 +17,6 @@ from pipeline.schema import (
     images_schema,
     regions_schema,
     to_table,
-    vector_type_dim,
     vectors_to_arrow,
 )
 
@@ -52,7 +51,7 @@ def test_images_schema_has_the_required_columns_as_fixed_size_lists():
     for k in VECTOR_COLUMNS:
         assert pa.types.is_fixed_size_list(s.field(k).type)
         assert s.field(k).type.value_type == pa.float32()
-        assert vector_type_dim(s, k) == DIMS[k]
+        assert s.field(k).type.list_size == DIMS[k]
     assert not s.field("image_id").nullable and not s.field("status").nullable and s.field("error").nullable
     assert images_schema(DIMS, float16=True).field("crow").type.value_type == pa.float16()
 
@@ -61,7 +60,7 @@ def test_regions_schema():
     s = regions_schema(6)
     assert s.names == ["image_id", "rank", "box", "score", "descriptor"]
     assert s.field("box").type == pa.list_(pa.float32(), 4)
-    assert vector_type_dim(s, "descriptor") == 6 and s.field("rank").type == pa.int32()
+    assert s.field("descriptor").type.list_size == 6 and s.field("rank").type == pa.int32()
     assert regions_schema(6, float16=True).field("descriptor").type.value_type == pa.float16()
     assert regions_schema(6, float16=True).field("box").type.value_type == pa.float32()  # boxes stay exact
 

@@ -1,1 +1,1 @@
-"""Benchmarks: datasets and ground truth, protocols, metrics, the BoW baseline, reports and pictures."""
+"""Benchmarks: ground truth (datasets, safe_pickle), corpus, methods, protocols, metrics, BoW baseline, reports."""

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import cv2
 import faiss
-import fsspec
 import numpy as np
+
+from pipeline.io import storage
 
 SIFT_DIM = 128
 
@@ -64,11 +65,13 @@ def sift_descriptors(image_rgb: np.ndarray, max_features: int = 500, root_sift: 
 
 
 def _init_worker() -> None:
+    """Pool initialiser: OpenCV single-threaded in each worker process."""
     # Each pool process already owns a core; OpenCV's internal thread pool would only oversubscribe them.
     cv2.setNumThreads(1)
 
 
 def _sift_job(args: tuple[np.ndarray, int, bool]) -> np.ndarray:
+    """:func:`sift_descriptors` of one ``(image, max_features, root_sift)`` job (a picklable pool task)."""
     image, max_features, root_sift = args
     return sift_descriptors(image, max_features=max_features, root_sift=root_sift)
 
@@ -104,6 +107,7 @@ def extract_sift_many(
 
 
 def _check_descriptor_set(desc: np.ndarray) -> np.ndarray:
+    """A descriptor set as ``(n, 128)`` float32 (an empty set of any shape becomes ``(0, 128)``)."""
     arr = np.asarray(desc, dtype=np.float32)
     if arr.ndim != 2 or arr.shape[1] != SIFT_DIM:
         if arr.size == 0:
@@ -252,15 +256,9 @@ class BowModel:
         Args:
             url: any fsspec URL or local path; local parent folders are created.
         """
-        fs, path = fsspec.core.url_to_fs(url)
-        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-        if "file" in protocols:
-            # Object stores have no folders to create; only local paths need their parent to exist.
-            fs.makedirs(fs._parent(path), exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, centroids=self.centroids, idf=self.idf)
-        with fs.open(path, "wb") as f:
-            f.write(buf.getvalue())
+        storage.write_bytes(url, buf.getvalue())  # creates local parent folders; object stores have none
 
     @classmethod
     def load(cls, url: str) -> BowModel:
@@ -272,8 +270,7 @@ class BowModel:
         Returns:
             The model.
         """
-        with fsspec.open(url, "rb") as f:
-            data = f.read()
-        # np.load needs a seekable file; a BytesIO is seekable whatever the remote file object supports.
+        data = storage.read_bytes(url)
+        # np.load needs a seekable file object.
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return cls(centroids=npz["centroids"], idf=npz["idf"])

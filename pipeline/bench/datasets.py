@@ -1,22 +1,19 @@
-"""Ground-truth readers: class folders, labels.csv, query lists, Oxford/Paris gt files, revisited pickles read safely."""
+"""Ground-truth readers: class folders, labels.csv, query lists, Oxford/Paris gt files, revisited gnd pickles."""
 
 from __future__ import annotations
 
 import csv
-import importlib
-import io
 import os
-import pickle
 import random
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import fsspec
 import numpy as np
 
+from pipeline.bench.safe_pickle import safe_loads
+from pipeline.io import storage
 from pipeline.io.listing import IMAGE_EXTS
 
 # Column names accepted as "the label" in a labels.csv, in order of preference (Caltech ships `class`,
@@ -313,6 +310,7 @@ class OxfordQuery:
 
 
 def _read_id_list(path: str) -> frozenset[str]:
+    """The distinct image ids of a good/ok/junk file, one per line."""
     with open(path, encoding="utf-8") as f:
         # A set: the official lists contain at least one duplicated line (all_souls_1_good.txt), and counting it
         # twice would make AP = 1 unreachable.
@@ -364,113 +362,12 @@ def read_oxford_gt(gt_dir: str) -> list[OxfordQuery]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Revisited Oxford / Paris (gnd_roxford5k.pkl, gnd_rparis6k.pkl), unpickled without running code
+# Revisited Oxford / Paris (gnd_roxford5k.pkl, gnd_rparis6k.pkl), unpickled without running code (safe_pickle)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _numpy_attr(modules: Sequence[str], name: str) -> Any:
-    """First ``module.name`` that imports, trying numpy 2's ``numpy._core`` before numpy 1's ``numpy.core``.
-
-    The refusal is decided by the allow-list before this runs; this only maps an allowed name to the installed
-    numpy's object (``numpy.core`` warns on import under numpy 2, ``numpy._core`` may not exist under numpy 1).
-    """
-    for mod in modules:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return getattr(importlib.import_module(mod), name)
-        except (ImportError, AttributeError):
-            continue
-    raise pickle.UnpicklingError(f"numpy has no {name!r} in any of {list(modules)}")
-
-
-def _latin1_encode(obj: str, encoding: str = "latin1") -> bytes:
-    """Stand-in for ``_codecs.encode`` as used by protocol 0-2 pickles of ``bytes`` (``encode(s, 'latin1')``).
-
-    The real function reaches every registered codec; a ground-truth file has no reason to need any but latin-1.
-    """
-    if encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
-        raise pickle.UnpicklingError(f"refused global _codecs.encode with encoding {encoding!r}")
-    return obj.encode("latin1")
-
-
-_MA = ("numpy._core.multiarray", "numpy.core.multiarray")
-_NUMERIC = ("numpy._core.numeric", "numpy.core.numeric")
-
-# Everything a pickle of plain containers and numpy arrays references, and nothing else. What each is for:
-#   _reconstruct, ndarray, dtype: ndarray.__reduce__ (protocols 0-4); scalar: numpy scalars (np.float32(1));
-#   _frombuffer: ndarray.__reduce_ex__ at protocol 5; set/frozenset/complex/bytes/bytearray/slice: containers
-#   and values that protocols 0-2 spell as a call; _codecs.encode: how protocols 0-2 spell ``bytes`` in Python 3.
-# ``__builtin__`` and ``numpy.core`` are the Python 2 / numpy 1 spellings found in older pickles (the revisitop
-# files date from 2018). Lazy resolvers: numpy is imported only when a pickle actually uses it.
-_ALLOWED: dict[tuple[str, str], Callable[[], Any]] = {}
-for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-    _ALLOWED[(_mod, "_reconstruct")] = lambda: _numpy_attr(_MA, "_reconstruct")
-    _ALLOWED[(_mod, "scalar")] = lambda: _numpy_attr(_MA, "scalar")
-for _mod in ("numpy.core.numeric", "numpy._core.numeric"):
-    _ALLOWED[(_mod, "_frombuffer")] = lambda: _numpy_attr(_NUMERIC, "_frombuffer")
-_ALLOWED[("numpy", "ndarray")] = lambda: np.ndarray
-_ALLOWED[("numpy", "dtype")] = lambda: np.dtype
-for _mod in ("builtins", "__builtin__"):
-    for _name, _obj in (
-        ("set", set),
-        ("frozenset", frozenset),
-        ("complex", complex),
-        ("bytes", bytes),
-        ("bytearray", bytearray),
-        ("slice", slice),
-    ):
-        _ALLOWED[(_mod, _name)] = lambda _obj=_obj: _obj
-_ALLOWED[("_codecs", "encode")] = lambda: _latin1_encode
-del _mod, _name, _obj
-
-
-class SafeUnpickler(pickle.Unpickler):
-    """An unpickler that only builds plain containers and numpy arrays.
-
-    A pickle is a program: every global it names is imported and may be called (``os.system``, ``eval``, a
-    class whose constructor does anything). ``find_class`` is the single point through which every global
-    passes (GLOBAL, STACK_GLOBAL, INST, OBJ and the copyreg extension opcodes all call it), so an exact
-    ``(module, name)`` allow-list there is enough; everything else raises before it is imported.
-    ``persistent_load`` is left at the default, which refuses persistent ids.
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        """Return the allowed object for ``module.name``.
-
-        Args:
-            module: module named by the pickle.
-            name: attribute named by the pickle.
-
-        Returns:
-            The object to use for that global.
-
-        Raises:
-            pickle.UnpicklingError: for any global not on the allow-list, naming it.
-        """
-        resolver = _ALLOWED.get((module, name))
-        if resolver is None:
-            raise pickle.UnpicklingError(
-                f"refused global {module}.{name}: ground-truth pickles may only contain plain containers and "
-                "numpy arrays"
-            )
-        return resolver()
-
-
-def safe_loads(data: bytes) -> Any:
-    """Unpickle ``data`` with :class:`SafeUnpickler`.
-
-    Args:
-        data: pickle bytes.
-
-    Returns:
-        The unpickled object.
-    """
-    # latin1: Python 2 pickles store numpy buffers as ``str``; latin1 maps those bytes 1:1 (numpy's own advice).
-    return SafeUnpickler(io.BytesIO(data), encoding="latin1").load()
-
-
 def _as_index_array(value: Any, n: int, where: str) -> np.ndarray:
+    """A gnd index list as a 1-D ``int64`` array, checked to lie in ``[0, n)``."""
     arr = np.asarray(value)
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
@@ -502,8 +399,7 @@ def load_revisited_gnd(path_or_bytes: str | os.PathLike | bytes) -> dict:
         where = "<bytes>"
     else:
         where = os.fspath(path_or_bytes)
-        with fsspec.open(where, "rb") as f:
-            data = f.read()
+        data = storage.read_bytes(where)
     obj = safe_loads(data)
 
     if not isinstance(obj, dict):

@@ -1,4 +1,4 @@
-"""Retrieval metrics and protocols: category P@k, Oxford/Paris mAP, revisited Easy/Medium/Hard, labels."""
+"""Exact ranking and retrieval metrics: category P@k, Oxford/Paris mAP, revisited Easy/Medium/Hard, labels mAP."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ _BLOCK_ELEMS = 1 << 24
 
 
 def _rows_per_block(n_cols: int) -> int:
+    """Query rows per block so that a ``(rows, n_cols)`` temporary stays near ``_BLOCK_ELEMS`` elements."""
     return max(1, _BLOCK_ELEMS // max(1, n_cols))
 
 
 def _as_ranks(ranks: np.ndarray) -> np.ndarray:
+    """A ``(Q, N')`` integer ranking as ``int64``, or a ValueError naming what is wrong."""
     r = np.asarray(ranks)
     if r.ndim != 2:
         raise ValueError(f"ranks must be a (Q, N) array, got shape {r.shape}")
@@ -39,8 +41,9 @@ def _as_index_set(items: np.ndarray | Sequence[int] | None) -> np.ndarray:
     return np.unique(a.reshape(-1).astype(np.int64))
 
 
-def rank_by_similarity(queries: np.ndarray, db: np.ndarray, k: int | None = None) -> np.ndarray:
-    """Rank database rows by inner product with each query, best first.
+def rank_by_similarity(queries: np.ndarray, db: np.ndarray, k: int | None = None,
+                       with_scores: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Rank database rows by inner product with each query, best first (every benchmark method ranks with this).
 
     Ties are broken by the lower database index (a stable sort), and the ``k`` path returns exactly the first
     ``k`` columns of the full ranking, ties at the cut included, so results do not depend on ``k``. NaN
@@ -51,9 +54,11 @@ def rank_by_similarity(queries: np.ndarray, db: np.ndarray, k: int | None = None
         db: ``(N, D)`` database vectors.
         k: keep only the best ``k`` per query (``np.argpartition``, then a sort of those ``k``); ``None`` or
             ``k >= N`` ranks everything.
+        with_scores: also return the similarities of the ranked items (for a re-ranking that needs them).
 
     Returns:
-        ``(Q, min(k, N))`` (or ``(Q, N)``) ``int64`` database indices, best first.
+        ``(Q, min(k, N))`` (or ``(Q, N)``) ``int64`` database indices, best first; with ``with_scores``, the pair
+        ``(ids, scores)`` with ``scores`` the ``float32`` inner products aligned with ``ids``.
     """
     q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     d = np.asarray(db, dtype=np.float32)
@@ -64,6 +69,7 @@ def rank_by_similarity(queries: np.ndarray, db: np.ndarray, k: int | None = None
         raise ValueError(f"k must be >= 1, got {k}")
     kk = n if k is None else min(k, n)
     out = np.empty((q.shape[0], kk), dtype=np.int64)
+    scores = np.empty((q.shape[0], kk), dtype=np.float32) if with_scores else None
     step = _rows_per_block(n)
     for start in range(0, q.shape[0], step):
         sims = q[start : start + step] @ d.T
@@ -71,19 +77,26 @@ def rank_by_similarity(queries: np.ndarray, db: np.ndarray, k: int | None = None
         neg[np.isnan(neg)] = np.inf  # NaN last, and keeps the comparisons below well defined
         if kk == n:
             out[start : start + step] = np.argsort(neg, axis=1, kind="stable")
-            continue
-        # argpartition alone picks arbitrarily among items tied with the k-th value; take every item strictly
-        # better than the k-th value, then the lowest-index tied ones, so the result equals argsort[:, :k].
-        part = np.argpartition(neg, kk - 1, axis=1)[:, :kk]
-        kth = np.take_along_axis(neg, part, axis=1).max(axis=1, keepdims=True)
-        better = neg < kth
-        tied = neg == kth
-        need = kk - better.sum(axis=1, keepdims=True)
-        sel = better | (tied & (np.cumsum(tied, axis=1) <= need))
-        idx = np.nonzero(sel)[1].reshape(-1, kk)  # row-major nonzero: ascending index within each row
-        order = np.argsort(np.take_along_axis(neg, idx, axis=1), axis=1, kind="stable")
-        out[start : start + step] = np.take_along_axis(idx, order, axis=1)
-    return out
+        else:
+            out[start : start + step] = _top_k_stable(neg, kk)
+        if scores is not None:
+            scores[start : start + step] = np.take_along_axis(sims, out[start : start + step], axis=1)
+    return (out, scores) if scores is not None else out
+
+
+def _top_k_stable(neg: np.ndarray, kk: int) -> np.ndarray:
+    """The first ``kk`` columns of ``np.argsort(neg, axis=1, kind="stable")``, without sorting whole rows."""
+    # argpartition alone picks arbitrarily among items tied with the k-th value; take every item strictly
+    # better than the k-th value, then the lowest-index tied ones, so the result equals argsort[:, :k].
+    part = np.argpartition(neg, kk - 1, axis=1)[:, :kk]
+    kth = np.take_along_axis(neg, part, axis=1).max(axis=1, keepdims=True)
+    better = neg < kth
+    tied = neg == kth
+    need = kk - better.sum(axis=1, keepdims=True)
+    sel = better | (tied & (np.cumsum(tied, axis=1) <= need))
+    idx = np.nonzero(sel)[1].reshape(-1, kk)  # row-major nonzero: ascending index within each row
+    order = np.argsort(np.take_along_axis(neg, idx, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(idx, order, axis=1)
 
 
 def precision_at_k(

@@ -1,4 +1,4 @@
-"""Region re-ranking of the top-N candidates (paper 2.5) and query expansion."""
+"""Region re-ranking of the top-N candidates (paper 2.5) and average query expansion."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ _GATHER_BUDGET_ELEMS = 1 << 18
 
 
 def _check_offsets(offsets: np.ndarray, n_regions: int) -> np.ndarray:
+    """Region offsets as ``int64``, checked to start at 0, never decrease and end at ``n_regions``."""
     offsets = np.asarray(offsets, dtype=np.int64)
     if offsets.ndim != 1 or len(offsets) < 1:
         raise ValueError("offsets must be a 1-D array of length N_db + 1")
@@ -191,47 +192,11 @@ def average_query_expansion(q: np.ndarray, db: np.ndarray, ids: np.ndarray, k: i
     Returns:
         ``(Q, D)`` float32 expanded, unit-norm queries.
     """
-    weights = np.ones(np.shape(ids)[:1] + (k,), dtype=np.float32)
-    return _weighted_expansion(q, db, ids, weights, k)
-
-
-def alpha_query_expansion(
-    q: np.ndarray,
-    db: np.ndarray,
-    ids: np.ndarray,
-    scores: np.ndarray,
-    k: int,
-    alpha: float = 3.0,
-) -> np.ndarray:
-    """alpha-weighted query expansion, alpha-QE (Radenović et al. 2018).
-
-    ``q' = l2n(q + sum_{j<k} max(scores[:, j], 0) ** alpha * db[ids[:, j]])``: the query has weight
-    1 and each neighbour its clipped similarity to the power ``alpha``, so weak neighbours fade out.
-    Ids ``< 0`` (faiss padding) contribute nothing.
-
-    Args:
-        q: ``(Q, D)`` queries.
-        db: ``(N, D)`` database vectors.
-        ids: ``(Q, >=k)`` int64 ranking, best first.
-        scores: ``(Q, >=k)`` similarities aligned with ``ids``.
-        k: number of top results used.
-        alpha: exponent of the weights.
-
-    Returns:
-        ``(Q, D)`` float32 expanded, unit-norm queries.
-    """
-    s = np.asarray(scores, dtype=np.float32)[:, :k]
-    weights = np.maximum(s, 0.0) ** np.float32(alpha)
-    return _weighted_expansion(q, db, ids, weights, k)
-
-
-def _weighted_expansion(q: np.ndarray, db: np.ndarray, ids: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
-    """``l2n(q + sum_j weights[:, j] * db[ids[:, j]])`` over the first ``k`` ids, ignoring ids < 0."""
     q = np.atleast_2d(np.asarray(q, dtype=np.float32))
     ids = np.asarray(ids, dtype=np.int64)
     if k < 0 or ids.ndim != 2 or ids.shape[0] != q.shape[0] or ids.shape[1] < k:
         raise ValueError(f"need ids of shape ({q.shape[0]}, >= {k}) and k >= 0, got {ids.shape} and k={k}")
     top = ids[:, :k]
-    w = np.where(top >= 0, weights, 0.0).astype(np.float32)
+    w = (top >= 0).astype(np.float32)  # padding weighs nothing
     neighbours = np.asarray(db)[np.where(top >= 0, top, 0)].astype(np.float32)  # (Q, k, D)
     return l2n(q + np.einsum("qk,qkd->qd", w, neighbours))

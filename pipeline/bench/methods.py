@@ -1,0 +1,120 @@
+"""The compared retrieval methods, in one place: each method's database vectors and its ranker over a corpus."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+
+from pipeline.bench.corpus import Corpus
+from pipeline.bench.metrics import rank_by_similarity
+from pipeline.config import BenchmarkConfig
+from pipeline.reduce.pca import PCA, fuse, l2n
+from pipeline.retrieval.rerank import average_query_expansion, rerank_top
+from pipeline.schema import GLOBAL_KINDS
+
+# The global descriptors of one forward pass, each ranked on its own (the classic baselines and the paper's global).
+DESCRIPTOR_METHODS = GLOBAL_KINDS
+ALL_METHODS = ("bow",) + DESCRIPTOR_METHODS + ("ours", "ours+qe", "crow+rerank", "crow+rerank+qe")
+
+
+def select_methods(methods: str) -> list[str]:
+    """The methods a benchmark runs, in the order given.
+
+    Args:
+        methods: comma-separated method names; empty = every method (``ALL_METHODS``).
+
+    Returns:
+        The method names.
+
+    Raises:
+        ValueError: on an unknown method.
+    """
+    wanted = [m.strip() for m in methods.split(",") if m.strip()] or list(ALL_METHODS)
+    unknown = set(wanted) - set(ALL_METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; known: {ALL_METHODS}")
+    return wanted
+
+
+def method_vectors(c: Corpus, cfg: BenchmarkConfig) -> dict[str, np.ndarray]:
+    """L2-normalised database vectors of each descriptor method and of ``ours`` (paper 2.4: PCA + L2 of the fused
+    global + local vector; PCA is fitted on the database itself, unsupervised)."""
+    out = {m: l2n(c.vectors[m]) for m in DESCRIPTOR_METHODS}
+    fused = fuse(c.vectors["global"], c.vectors["local"], cfg.local_weight)
+    out["ours"] = PCA.fit(fused, cfg.pca_dim).transform(fused)
+    return out
+
+
+def rerank_ranking(c: Corpus, vec: dict[str, np.ndarray], qrows: np.ndarray, depth: int, n: int,
+                   qe: int) -> np.ndarray:
+    """CroW initial ranking, top-N re-ranked by the query's global feature against each candidate's regions
+    (paper 2.5); with ``qe`` > 0 the CroW query is first expanded with its top re-ranked results (AQE)."""
+    crow = vec["crow"]
+    q = crow[qrows]
+    # The query side of region similarity: the query's descriptor pooled like the regions (GeM over the whole map).
+    qg = l2n(c.vectors["gem"][qrows])
+    ids, _ = rerank_top(qg, *rank_by_similarity(q, crow, depth, with_scores=True), c.region_desc, c.offsets, n)
+    if qe > 0:
+        q2 = average_query_expansion(q, crow, ids, qe)
+        ids, _ = rerank_top(qg, *rank_by_similarity(q2, crow, depth, with_scores=True), c.region_desc, c.offsets, n)
+    return ids
+
+
+def bow_vectors(c: Corpus, cfg: BenchmarkConfig) -> np.ndarray:
+    """SIFT bag-of-words tf-idf vectors of every database image (the paper's traditional baseline)."""
+    from PIL import Image
+
+    from pipeline.bench.bow import BowModel, extract_sift_many
+
+    def load(p: str) -> np.ndarray:
+        with Image.open(os.path.join(c.root, p)) as im:
+            im = im.convert("RGB")
+            im.thumbnail((300, 300))
+            return np.asarray(im)
+
+    sift = extract_sift_many((load(p) for p in c.paths), workers=os.cpu_count() or 1)
+    model = BowModel.fit(sift, k=cfg.bow_words, seed=cfg.seed)
+    return model.encode(sift)
+
+
+def method_rankers(c: Corpus, cfg: BenchmarkConfig, qrows: np.ndarray,
+                   depth: int) -> dict[str, Callable[[], np.ndarray]]:
+    """One ranker per method in ``ALL_METHODS``; each returns the ``(Q, depth)`` ranking of the query rows.
+
+    The query itself stays in the database; the protocols remove it where they should.
+
+    Args:
+        c: the corpus.
+        cfg: the benchmark config (PCA dimension, local weight, re-rank and QE depths, BoW vocabulary, seed).
+        qrows: ``(Q,)`` database rows of the queries.
+        depth: ranking depth (clipped to the database size).
+
+    Returns:
+        Method name -> a ranker run on demand (BoW's vocabulary, for one, is only built when asked for).
+    """
+    vec = method_vectors(c, cfg)
+
+    def descriptor(m: str) -> np.ndarray:
+        """Rank by one method's vectors."""
+        return rank_by_similarity(vec[m][qrows], vec[m], depth)
+
+    def ours_qe() -> np.ndarray:
+        """``ours`` with AQE over its top ``qe + 1`` (the query, still in the database, among them)."""
+        ours = vec["ours"]
+        first = rank_by_similarity(ours[qrows], ours, cfg.qe + 1)
+        return rank_by_similarity(average_query_expansion(ours[qrows], ours, first, cfg.qe + 1), ours, depth)
+
+    def bow() -> np.ndarray:
+        """Rank by SIFT BoW tf-idf vectors."""
+        b = bow_vectors(c, cfg)
+        return rank_by_similarity(b[qrows], b, depth)
+
+    rankers: dict[str, Callable[[], np.ndarray]] = {m: (lambda m=m: descriptor(m))
+                                                    for m in (*DESCRIPTOR_METHODS, "ours")}
+    rankers["ours+qe"] = ours_qe
+    rankers["crow+rerank"] = lambda: rerank_ranking(c, vec, qrows, depth, cfg.rerank, 0)
+    rankers["crow+rerank+qe"] = lambda: rerank_ranking(c, vec, qrows, depth, cfg.rerank, cfg.qe + 1)
+    rankers["bow"] = bow
+    return rankers

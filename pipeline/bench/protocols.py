@@ -1,0 +1,196 @@
+"""Benchmark protocols as small objects: each one's ground truth, queries, ranking depth, scoring and metric text."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.bench import datasets as ds
+from pipeline.bench import metrics as ev
+from pipeline.bench.corpus import Corpus
+from pipeline.config import BenchmarkConfig
+from pipeline.io.listing import IMAGE_EXTS
+
+
+class Protocol:
+    """One evaluation protocol over a dataset, used in this order: ``ground_truth``, ``queries``, ``score``.
+
+    The object keeps what one step reads for the next (the ground truth, then the corpus and its query rows).
+
+    Attributes:
+        name: the protocol's ``--protocol`` name.
+        metric: what ``score`` measures, as written in the report.
+        columns: report-table columns beyond ``method`` and ``score``.
+    """
+
+    name = ""
+    metric = "mAP"
+    columns: tuple[str, ...] = ()
+
+    def __init__(self, cfg: BenchmarkConfig) -> None:
+        self.cfg = cfg
+        self.root = cfg.dataset
+        self.corpus: Corpus | None = None
+        self.qrows = np.zeros(0, dtype=np.int64)
+
+    def ground_truth(self) -> tuple[list[str], np.ndarray | None]:
+        """Read the dataset's ground truth.
+
+        Returns:
+            ``(paths, labels)``: the database paths relative to the dataset root, and an int label per path (None
+            for protocols without labels).
+        """
+        raise NotImplementedError
+
+    def queries(self, corpus: Corpus) -> tuple[np.ndarray, dict[str, Any]]:
+        """Pick the queries among the corpus rows.
+
+        Args:
+            corpus: the dataset's images with their features (only images with an ok extraction).
+
+        Returns:
+            ``(qrows, extra)``: ``(Q,)`` ``int64`` corpus rows of the queries, and report fields such as
+            ``queries_missing``.
+        """
+        self.corpus = corpus
+        self.qrows, extra = self._query_rows(corpus)
+        return self.qrows, extra
+
+    def _query_rows(self, corpus: Corpus) -> tuple[np.ndarray, dict[str, Any]]:
+        """This protocol's query rows and extra report fields."""
+        raise NotImplementedError
+
+    def depth(self, n_db: int) -> int:
+        """How many results per query each method ranks (the whole database unless the protocol needs fewer).
+
+        Args:
+            n_db: database size.
+
+        Returns:
+            The ranking depth.
+        """
+        return n_db
+
+    def score(self, ranking: np.ndarray) -> dict[str, float]:
+        """Score one method's ranking of the queries.
+
+        Args:
+            ranking: ``(Q, depth)`` corpus rows, best first, one row per query of :meth:`queries`.
+
+        Returns:
+            A report row's score fields: ``score`` and any of :attr:`columns` (or other extras).
+        """
+        raise NotImplementedError
+
+
+class LabelsProtocol(Protocol):
+    """Same-label retrieval (Caltech-101, the Paris subset): mAP and P@1/4/10 over a full ranking; by default every
+    image is a query."""
+
+    name = "labels"
+    columns = ("P@1", "P@4", "P@10")
+
+    def ground_truth(self) -> tuple[list[str], np.ndarray | None]:
+        """Class folders or labels.csv (Caltech's Faces and Faces_easy merged unless ``--no-merge-faces``)."""
+        merge = {"Faces_easy": "Faces"} if self.cfg.merge_faces else None
+        self.lset = ds.load_labelled_set(self.root, merge=merge)
+        return self.lset.paths, self.lset.label_array()
+
+    def _default_queries(self, corpus: Corpus) -> list[str]:
+        """Query paths without ``--queries``: every corpus image."""
+        return list(corpus.paths)
+
+    def _query_rows(self, corpus: Corpus) -> tuple[np.ndarray, dict[str, Any]]:
+        """The ``--queries`` list (or the default queries) that the corpus holds; the others are reported missing."""
+        qpaths = ds.read_query_list(self.cfg.queries) if self.cfg.queries else self._default_queries(corpus)
+        row_of = {p: i for i, p in enumerate(corpus.paths)}
+        qrows = np.array([row_of[p] for p in qpaths if p in row_of], dtype=np.int64)
+        return qrows, {"queries_missing": [p for p in qpaths if p not in row_of]}
+
+    def score(self, ranking: np.ndarray) -> dict[str, float]:
+        """mAP as ``score``, plus P@1, P@4 and P@10."""
+        res = ev.labels_eval(ranking, self.corpus.labels, self.qrows)
+        return {"score": res["mAP"], **{k: v for k, v in res.items() if k != "mAP"}}
+
+
+class CategoryProtocol(LabelsProtocol):
+    """Category retrieval as in the paper: mean top-k precision (its "MAP@k"); by default a seeded 5% of each class
+    are the queries."""
+
+    name = "category"
+    columns = ()
+
+    @property
+    def metric(self) -> str:  # type: ignore[override]
+        """The metric text names k."""
+        return f"mean top-{self.cfg.k} precision (the paper's MAP@{self.cfg.k})"
+
+    def _default_queries(self, corpus: Corpus) -> list[str]:
+        """Query paths without ``--queries``: a stratified 5% sample of the corpus images."""
+        lset = self.lset
+        kept = ds.LabelledSet(self.root, corpus.paths, [lset.labels[lset.index_of(p)] for p in corpus.paths])
+        return ds.sample_queries(kept, fraction=0.05, seed=self.cfg.seed)
+
+    def depth(self, n_db: int) -> int:
+        """Enough for P@k without the query, the re-ranked top-N and 100 results."""
+        return min(n_db, max(self.cfg.k + 1, self.cfg.rerank, 100))
+
+    def score(self, ranking: np.ndarray) -> dict[str, float]:
+        """Mean top-k precision, the query left out of its own results."""
+        labels = self.corpus.labels
+        p = ev.precision_at_k(ranking, labels, labels[self.qrows], k=self.cfg.k, query_db_index=self.qrows)
+        return {"score": float(np.mean(p))}
+
+
+class OxfordProtocol(Protocol):
+    """Oxford 5k / Paris 6k: mAP with good + ok as positives and junk removed (the official gt_files layout)."""
+
+    name = "oxford"
+
+    def ground_truth(self) -> tuple[list[str], np.ndarray | None]:
+        """The gt files from ``--queries`` (default ``<dataset>/gt``); the database is every image below the
+        dataset folder."""
+        self.gt = ds.read_oxford_gt(self.cfg.queries or os.path.join(self.root, "gt"))
+        paths = sorted(p.relative_to(self.root).as_posix() for p in Path(self.root).rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTS)
+        return paths, None
+
+    def _query_rows(self, corpus: Corpus) -> tuple[np.ndarray, dict[str, Any]]:
+        """Each query's image (by file stem); its positives and junk as corpus rows."""
+        by_id = {Path(p).stem: i for i, p in enumerate(corpus.paths)}
+        self.positives = [np.array([by_id[i] for i in q.positives if i in by_id]) for q in self.gt]
+        self.junk = [np.array([by_id[i] for i in q.junk if i in by_id]) for q in self.gt]
+        return np.array([by_id[q.image_id] for q in self.gt], dtype=np.int64), {}
+
+    def score(self, ranking: np.ndarray) -> dict[str, float]:
+        """Oxford mAP."""
+        return {"score": ev.oxford_map(ranking, self.positives, self.junk)[0]}
+
+
+class RevisitedProtocol(Protocol):
+    """Revisited Oxford / Paris: mAP under the Medium setting as ``score``, Easy and Hard beside it."""
+
+    name = "revisited"
+    metric = "mAP (medium)"
+
+    def ground_truth(self) -> tuple[list[str], np.ndarray | None]:
+        """``<dataset>/gnd_<dataset name>.pkl``; the database is its image list under ``jpg/``."""
+        self.gnd = ds.load_revisited_gnd(os.path.join(self.root, f"gnd_{Path(self.root).name}.pkl"))
+        return [f"jpg/{i}.jpg" for i in self.gnd["imlist"]], None
+
+    def _query_rows(self, corpus: Corpus) -> tuple[np.ndarray, dict[str, Any]]:
+        """Each query's image in the corpus."""
+        row_of = {p: i for i, p in enumerate(corpus.paths)}
+        return np.array([row_of[f"jpg/{q}.jpg"] for q in self.gnd["qimlist"]], dtype=np.int64), {}
+
+    def score(self, ranking: np.ndarray) -> dict[str, float]:
+        """Medium mAP, with the Easy and Hard mAPs."""
+        res = ev.revisited_map(ranking, self.gnd["gnd"])
+        return {"score": res["medium"]["mAP"], "easy": res["easy"]["mAP"], "hard": res["hard"]["mAP"]}
+
+
+PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (CategoryProtocol, LabelsProtocol, OxfordProtocol,
+                                                              RevisitedProtocol)}
