@@ -20,7 +20,7 @@ from pipeline.bench.datasets import (
     read_query_list,
     sample_queries,
 )
-from pipeline.bench.safe_pickle import SafeUnpickler
+from pipeline.bench.safe_pickle import SafeUnpickler, safe_loads
 
 # CI clones the repository next to shared/, so the datasets sit two levels above this file's folder.
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -384,3 +384,28 @@ def test_custom_class_and_other_globals_refused(tmp_path):
     # _codecs.encode is admitted only for latin-1, the one encoding protocols 0-2 use for bytes.
     with pytest.raises(pickle.UnpicklingError, match="zlib"):
         load_revisited_gnd(_global_call("_codecs", "encode", "abc")[:-3] + b"Vzlib\ntR.")
+
+
+BIG = 1 << 33  # 8 GiB
+ALLOCATING = {
+    "bytearray(8 GiB)": b"cbuiltins\nbytearray\n(I%d\ntR." % BIG,
+    "bytes(8 GiB)": b"c__builtin__\nbytes\n(I%d\ntR." % BIG,
+    "ndarray((8 Gi,))": b"cnumpy\nndarray\n((I%d\nttR." % BIG,
+    "_reconstruct(ndarray, (8 Gi,))": b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(I%d\ntS'b'\ntR." % BIG,
+}
+
+
+@pytest.mark.parametrize("kind", list(ALLOCATING))
+def test_a_tiny_pickle_cannot_allocate_gigabytes(kind: str) -> None:
+    data = ALLOCATING[kind]
+    assert len(data) < 100
+    with pytest.raises(pickle.UnpicklingError, match="refused"):
+        safe_loads(data)
+
+
+def test_arrays_of_every_protocol_still_load_within_the_bound() -> None:
+    a = {"x": np.arange(1000, dtype=np.int64).reshape(10, 100), "b": b"\x00" * 10, "ba": bytearray(b"ab")}
+    for protocol in range(0, pickle.HIGHEST_PROTOCOL + 1):
+        out = safe_loads(pickle.dumps(a, protocol=protocol))
+        np.testing.assert_array_equal(out["x"], a["x"])
+        assert out["b"] == a["b"] and out["ba"] == a["ba"]
