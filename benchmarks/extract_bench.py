@@ -1,9 +1,9 @@
-"""Extraction benchmark: the whole Ray job (run_ray on a local Ray) against a bare in-process loop of the same model.
+"""Extraction benchmark: the whole Ray job (the driver with a RayRunner, on a local Ray) against a bare in-process loop.
 
 For a corpus and for the 10x corpus (data/caltech8's 80 images replicated under distinct names), it prints images/s of
 
-- ``ray``:  ``pipeline.extract.ray_runner.run_ray`` end to end (listing, actor start and model load, decode tasks, batched
-  inference, Parquet writes, done-markers, manifest), timed around the call;
+- ``ray``:  ``pipeline.extract.driver.run`` with a ``RayRunner`` end to end (listing, actor start and model load,
+  decode tasks, batched inference, Parquet writes, done-markers, manifest), timed around the call;
 - ``bare``: one process, no Ray, no output: decode_image + RegionModel in batches over the same images, with the same
   max_side, batch size, size-sorted batches per shard-sized chunk, and the same torch thread count (model load
   included),
@@ -218,10 +218,11 @@ def bare_loop(cfg: ExtractConfig, threads: int) -> dict[str, float]:
 
 
 def ray_job(cfg: ExtractConfig) -> dict[str, Any]:
-    from pipeline.extract.ray_runner import run_ray
+    from pipeline.extract import driver
+    from pipeline.extract.runners import RayRunner
 
     t0 = time.perf_counter()
-    manifest = run_ray(cfg, progress_every_s=30.0)
+    manifest = driver.run(cfg, RayRunner(), progress_every_s=30.0)
     wall = time.perf_counter() - t0
     run = manifest["run"]
     assert run["images"] == run["ok"], run["statuses"]

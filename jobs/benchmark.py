@@ -14,10 +14,11 @@ import _common  # noqa: F401  (puts the checkout on sys.path)
 from pipeline.bench.runner import run
 from pipeline.cli import run_job
 from pipeline.config import SAMPLE_DATA, BenchmarkConfig
+from pipeline.extract.runners import RayRunner
 
 
 def benchmark(cfg: BenchmarkConfig) -> int:
-    report = run(cfg)
+    report = run(cfg, RayRunner())  # extracts on Ray (RAY_ADDRESS or a local instance) unless --features is given
     print(f"\n{report['dataset']} ({report['protocol']} protocol, {report['images']} images, {report['queries']} queries)")
     print(f"metric: {report['metric']}\n")
     print(report["table"])

@@ -14,17 +14,12 @@ import _common  # noqa: F401  (puts the checkout on sys.path)
 
 from pipeline.cli import run_job
 from pipeline.config import SAMPLE_DATA, ExtractConfig
-from pipeline.extract.ray_runner import init_ray, run_ray
-from pipeline.extract.worker import preflight, run_local
+from pipeline.extract import driver
+from pipeline.extract.runners import make_runner
 
 
 def extract(cfg: ExtractConfig) -> int:
-    preflight(cfg, cfg.fs_options)  # unreachable input / unwritable output: before Ray
-    if cfg.in_process:
-        manifest = run_local(cfg)
-    else:
-        init_ray()
-        manifest = run_ray(cfg)
+    manifest = driver.run(cfg, make_runner(cfg.in_process))  # checks input and output before Ray starts
     run = manifest["run"]
     print(json.dumps({"output": cfg.output, **{k: run[k] for k in ("images", "ok", "errors", "statuses", "regions",
                                                                    "skipped_already_done", "deleted", "elapsed_s",

@@ -17,7 +17,7 @@ import _common  # noqa: F401  (puts the checkout on sys.path)
 
 from pipeline.cli import run_job
 from pipeline.densecap.train import TrainConfig, fit, prepare_data, summary
-from pipeline.extract.ray_runner import init_ray
+from pipeline.extract.runners import init_ray
 
 
 def train(cfg: TrainConfig) -> int:

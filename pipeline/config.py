@@ -51,6 +51,18 @@ class HasStorage:
         return parse_storage_options(self.storage_options)
 
 
+def _like(cls: type, name: str, **meta: Any) -> Any:
+    """A field with the default and CLI metadata of field ``name`` of config ``cls`` (``meta`` overrides)."""
+    f = cls.__dataclass_fields__[name]  # type: ignore[attr-defined]
+    return field(default=f.default, metadata={**f.metadata, **meta})
+
+
+def _part(cfg: Any, cls: type[T], **values: Any) -> T:
+    """A ``cls`` config from the fields of ``cfg`` that ``cls`` has, plus ``values`` (not validated)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names}, **values)
+
+
 def _check_choices(cfg: Any) -> None:
     """Raise ConfigError for a field value outside the field's ``choices`` (also for configs built directly or with
     dataclasses.replace, which bypass from_dict)."""
@@ -161,8 +173,7 @@ class ExtractConfig(ModelConfig, HasStorage):
 
     def model_config(self) -> ModelConfig:
         """The model part of this config."""
-        names = {f.name for f in dataclasses.fields(ModelConfig)}
-        return ModelConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        return _part(self, ModelConfig)
 
 
 @dataclass(frozen=True)
@@ -189,6 +200,78 @@ class IndexConfig(HasStorage):
                 or self.nprobe < 1 or self.ef_search < 1:
             raise ConfigError("pca_dim, pca_sample, memory_budget_gb must be > 0 and local_weight >= 0")
         self.fs_options  # noqa: B018 - parses (and caches) the options: a ConfigError now, not mid-run
+
+
+MIN_KEEP = 2  # versions a re-index keeps at least: a reader that resolved the pointer before a publish still finds its
+
+
+@dataclass(frozen=True)
+class ReindexConfig(ModelConfig, HasStorage):
+    """`jobs/reindex.py`: the extraction's and the index build's options, plus the root's.
+
+    The extraction writes ``<root>/features`` and each index build a new version under the root (see
+    ``pipeline.store.versions``), so neither ``--output`` nor ``--features`` is an option here.
+    """
+
+    # The extraction's options (ExtractConfig's, but the model's, which come from ModelConfig, and --output).
+    input: str = _like(ExtractConfig, "input", help="directory/prefix URL of images, or a manifest (.parquet/.csv) "
+                                                    "(required unless --rollback)")
+    shard_size: int = _like(ExtractConfig, "shard_size")
+    batch_size: int = _like(ExtractConfig, "batch_size")
+    num_actors: int = _like(ExtractConfig, "num_actors")
+    num_gpus: float = _like(ExtractConfig, "num_gpus")
+    threads: int = _like(ExtractConfig, "threads")
+    actor_cpus: float = _like(ExtractConfig, "actor_cpus")
+    prefetch: int = _like(ExtractConfig, "prefetch")
+    float16: bool = _like(ExtractConfig, "float16")
+    max_pixels: int = _like(ExtractConfig, "max_pixels")
+    storage_options: str = storage_field()
+    in_process: bool = _like(ExtractConfig, "in_process")
+    # The index build's options (IndexConfig's, but --features, --output and --storage-options).
+    pca_dim: int = _like(IndexConfig, "pca_dim")
+    whiten: bool = _like(IndexConfig, "whiten")
+    local_weight: float = _like(IndexConfig, "local_weight")
+    pca_sample: int = _like(IndexConfig, "pca_sample")
+    factory: str = _like(IndexConfig, "factory")
+    memory_budget_gb: float = _like(IndexConfig, "memory_budget_gb")
+    nprobe: int = _like(IndexConfig, "nprobe")
+    ef_search: int = _like(IndexConfig, "ef_search")
+    # The root's.
+    root: str = _opt("", "root URL: features/, versions/ and the CURRENT pointer live under it", required=True)
+    keep: int = _opt(3, f"complete index versions kept (>= {MIN_KEEP}); older ones are deleted")
+    force: bool = _opt(False, "build and publish a new version even when no image changed")
+    rollback: bool = _opt(False, "point CURRENT back at the previous complete version, then exit (no --input)")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.root:
+            raise ConfigError("--root is required")
+        if self.rollback:
+            return
+        if not self.input:
+            raise ConfigError("--input is required (unless --rollback)")
+        if self.keep < MIN_KEEP:
+            raise ConfigError(f"--keep must be >= {MIN_KEEP}")
+        self.extract_config()
+        self.index_config("unused")
+
+    def features_url(self) -> str:
+        """Where the extraction writes: ``<root>/features``."""
+        from pipeline.store.versions import features_url  # lazily: configs import no storage code
+
+        return features_url(self.root)
+
+    def extract_config(self) -> ExtractConfig:
+        """The extraction part: ``--input`` into ``<root>/features`` (validated)."""
+        cfg = _part(self, ExtractConfig, output=self.features_url())
+        cfg.validate()
+        return cfg
+
+    def index_config(self, output: str) -> IndexConfig:
+        """The index build part: ``<root>/features`` into ``output`` (validated)."""
+        cfg = _part(self, IndexConfig, features=self.features_url(), output=output)
+        cfg.validate()
+        return cfg
 
 
 @dataclass(frozen=True)
@@ -246,8 +329,7 @@ class BenchmarkConfig(ModelConfig, HasStorage):
 
     def model_config(self) -> ModelConfig:
         """The model part of this config."""
-        names = {f.name for f in dataclasses.fields(ModelConfig)}
-        return ModelConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        return _part(self, ModelConfig)
 
 
 def parse_storage_options(text: str) -> dict[str, Any]:

@@ -88,7 +88,8 @@ def tiny_features(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     import shutil
 
     from pipeline.config import ExtractConfig
-    from pipeline.extract.worker import run_local
+    from pipeline.extract import driver
+    from pipeline.extract.runners import LocalRunner
 
     src = tmp_path_factory.mktemp("tiny_images")
     rows = ["path,label"]
@@ -99,7 +100,8 @@ def tiny_features(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             rows.append(f"{cls.name}/{f.name},{cls.name}")
     (src / "labels.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path_factory.mktemp("tiny_features")
-    run_local(ExtractConfig(input=str(src), output=str(out), max_side=128, regions=3, shard_size=10, batch_size=8))
+    driver.run(ExtractConfig(input=str(src), output=str(out), max_side=128, regions=3, shard_size=10, batch_size=8),
+               LocalRunner())
     return {"images": str(src), "features": str(out)}
 
 

@@ -18,6 +18,7 @@ from pipeline.config import (
     ExtractConfig,
     IndexConfig,
     ModelConfig,
+    ReindexConfig,
     SearchConfig,
     config_hash,
     from_dict,
@@ -129,6 +130,28 @@ def test_model_config_of_an_extract_config():
 
 
 # ---- CLI flags -----------------------------------------------------------------------------------------------------
+
+
+def test_reindex_config_has_the_extractions_and_the_index_builds_options():
+    """Every option of the extraction (but the model's, inherited, and --output) and of the index build (but
+    --features, --output, --storage-options) is a re-index option with the same default and help (except --input's,
+    which says when it is required); its parts come out validated."""
+    def own(cls: type, drop: set[str]) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls) if f.name not in drop}
+
+    model = {f.name for f in dataclasses.fields(ModelConfig)}
+    fields = own(ReindexConfig, set())
+    theirs = {**own(ExtractConfig, model | {"output"}), **own(IndexConfig, {"features", "output", "storage_options"})}
+    assert set(fields) == model | set(theirs) | {"root", "keep", "force", "rollback"}
+    for name, f in theirs.items():
+        assert fields[name].default == f.default, name
+        assert fields[name].metadata == f.metadata or name == "input", name
+    cfg = from_dict(ReindexConfig, {"root": "/r", "input": "/in", "max_side": 64, "pca_dim": 8, "shard_size": 5})
+    ecfg, icfg = cfg.extract_config(), cfg.index_config("/r/versions/v")
+    assert (ecfg.input, ecfg.output, ecfg.max_side, ecfg.shard_size) == ("/in", "/r/features", 64, 5)
+    assert (icfg.features, icfg.output, icfg.pca_dim) == ("/r/features", "/r/versions/v", 8)
+    with pytest.raises(ConfigError, match="keep must be >= 2"):
+        from_dict(ReindexConfig, {"root": "/r", "input": "/in", "keep": 1})
 
 
 def test_parse_args_flags_defaults_and_booleans():

@@ -1,6 +1,6 @@
-"""Tests for pipeline.extract.worker, pipeline.extract.ray_runner and jobs/extract.py: planning, bad input as rows, crash-resume and
-incremental reruns without duplicates or losses, fail-fast checks, secrets, and end to end on a local Ray instance
-against a temp dir and S3 (moto on loopback), compared with a direct in-process RegionModel call."""
+"""Tests for pipeline.extract (plan, worker, runners, driver) and jobs/extract.py: planning, bad input as rows,
+crash-resume and incremental reruns without duplicates or losses, fail-fast checks, secrets, and end to end on a local
+Ray instance against a temp dir and S3 (moto on loopback), compared with a direct in-process RegionModel call."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ConfigError, ExtractConfig, ModelConfig, config_hash, from_dict
-from pipeline.extract import worker as extract
+from pipeline.extract import driver, runners, worker
+from pipeline.extract.plan import DecodedShard, Shard, plan_shards
+from pipeline.extract.runners import LocalRunner, RayRunner
 from pipeline.io import images as imgs
 from pipeline.io import listing, storage
 from pipeline.schema import VECTOR_COLUMNS, column_to_numpy, images_schema, regions_schema
@@ -161,22 +163,22 @@ def _data_marker(sid: str, recs: list[listing.ImageRecord], retry: tuple[str, ..
 
 def test_plan_shards_fresh_resumed_and_incremental():
     recs = _records(7)
-    plan = extract.plan_shards(recs, [], shard_size=3)
+    plan = plan_shards(recs, [], shard_size=3)
     assert plan.generation == 1 and plan.skipped == 0 and plan.deleted == []
     assert [s.shard_id for s in plan.shards] == ["g00001-000000", "g00001-000001", "g00001-000002"]
     assert [len(s.records) for s in plan.shards] == [3, 3, 1]
     # Resume: only the shards without a done-marker are redone, as a new generation.
     markers = [_data_marker("g00001-000000", recs[:3])]
-    plan = extract.plan_shards(recs, markers, shard_size=3)
+    plan = plan_shards(recs, markers, shard_size=3)
     assert plan.generation == 2 and plan.skipped == 3
     assert [r.image_id for s in plan.shards for r in s.records] == [r.image_id for r in recs[3:]]
     # Incremental: changed fingerprints, new ids, vanished ids, and transient read errors.
     markers = [_data_marker("g00001-000000", recs[:4], retry=("img03",)), _data_marker("g00001-000001", recs[4:7])]
     now = [*recs[:1], listing.ImageRecord("img01", recs[1].uri, "changed"), *recs[2:5], *_records(9)[7:]]
-    plan = extract.plan_shards(now, markers, shard_size=10)
+    plan = plan_shards(now, markers, shard_size=10)
     assert [r.image_id for s in plan.shards for r in s.records] == ["img01", "img03", "img07", "img08"]
     assert plan.deleted == ["img05", "img06"] and plan.skipped == 3
-    assert extract.plan_shards(recs, [_data_marker("g00001-000000", recs)], 3).shards == []
+    assert plan_shards(recs, [_data_marker("g00001-000000", recs)], 3).shards == []
 
 
 @pytest.mark.parametrize("float16", [False, True])
@@ -184,9 +186,9 @@ def test_run_model_on_shard_batches_by_size_and_keeps_record_order(float16):
     shapes = [(20, 30), (10, 30), None, (20, 30), (5, 30)]  # None: a failed decode
     dec = [imgs.Decoded(np.zeros((*s, 3), np.uint8), s[1] * 2, s[0] * 2, "ok", "") if s else
            imgs.failed(imgs.TRUNCATED, "cut short") for s in shapes]
-    shard = extract.Shard("g00001-000000", 1, tuple(_records(5)))
+    shard = Shard("g00001-000000", 1, tuple(_records(5)))
     m = FakeModel()
-    itab, rtab, stats = extract.run_model_on_shard(m, extract.DecodedShard(shard, dec, 0.5), batch_size=2,
+    itab, rtab, stats = worker.run_model_on_shard(m, DecodedShard(shard, dec, 0.5), batch_size=2,
                                                    float16=float16)
     assert m.batches == [[(5, 30, 3), (10, 30, 3)], [(20, 30, 3), (20, 30, 3)]]  # sorted by size, then cut
     assert itab.schema == images_schema(m.dims, float16) and rtab.schema == regions_schema(4, float16)
@@ -205,14 +207,12 @@ def test_run_model_on_shard_batches_by_size_and_keeps_record_order(float16):
 
 
 def test_actor_threads_share_the_cpus_without_oversubscribing():
-    from pipeline.extract.ray_runner import actor_threads
-
-    assert actor_threads(3, 0, 1.0, 16, 4) == 3  # an explicit value wins
-    assert actor_threads(0, 0, 1.0, 2, 1) == 2  # one CPU actor: every core (decoding is a small share)
-    assert actor_threads(0, 0, 1.0, 16, 4) == 4  # four CPU actors: a quarter each, not 4 x 16 threads
-    assert actor_threads(0, 0, 1.0, 2, 8) == 1
-    assert actor_threads(0, 1, 1.0, 96, 8) == 1  # GPU actors: their reserved CPUs, cores left to decoding
-    assert actor_threads(0, 0.5, 2.5, 96, 8) == 3
+    assert runners.actor_threads(3, 0, 1.0, 16, 4) == 3  # an explicit value wins
+    assert runners.actor_threads(0, 0, 1.0, 2, 1) == 2  # one CPU actor: every core (decoding is a small share)
+    assert runners.actor_threads(0, 0, 1.0, 16, 4) == 4  # four CPU actors: a quarter each, not 4 x 16 threads
+    assert runners.actor_threads(0, 0, 1.0, 2, 8) == 1
+    assert runners.actor_threads(0, 1, 1.0, 96, 8) == 1  # GPU actors: their reserved CPUs, cores left to decoding
+    assert runners.actor_threads(0, 0.5, 2.5, 96, 8) == 3
 
 
 def test_decode_shard_turns_fetch_failures_into_retryable_rows(tmp_path: Path):
@@ -220,7 +220,7 @@ def test_decode_shard_turns_fetch_failures_into_retryable_rows(tmp_path: Path):
     shutil.copy(SAMPLE / SAME_SIZE[0], good)
     recs = (listing.ImageRecord("a.jpg", "file://" + str(good), "1"),
             listing.ImageRecord("gone.jpg", "file://" + str(tmp_path / "gone.jpg"), "1"))
-    d = extract.decode_shard(extract.Shard("g00001-000000", 1, recs), 64, 10**8, None)
+    d = worker.decode_shard(Shard("g00001-000000", 1, recs), 64, 10**8, None)
     assert [x.status for x in d.decoded] == ["ok", imgs.READ_ERROR]
     assert d.decoded[0].array.shape == (42, 64, 3)
     assert "FileNotFoundError" in d.decoded[1].error and d.read_s >= 0
@@ -283,7 +283,7 @@ def test_bad_inputs_each_end_as_a_row_and_the_job_finishes(tmp_path: Path, caplo
         (root / name).write_bytes(data)
     out = tmp_path / "out"
     caplog.set_level(logging.INFO)
-    manifest = extract.run_local(_cfg(root, out, shard_size=5, batch_size=4, max_pixels=1_000_000))
+    manifest = driver.run(_cfg(root, out, shard_size=5, batch_size=4, max_pixels=1_000_000), LocalRunner())
 
     images = _assert_exactly_once(str(out), list(cases))
     rows = {r["image_id"]: r for r in images.select(["image_id", "status", "error", "width", "height",
@@ -327,14 +327,14 @@ def test_read_errors_are_rows_now_and_redone_on_the_next_run(tmp_path: Path):
     root = _copy(SAME_SIZE[:2], tmp_path / "in")
     (root / "list.csv").write_text("path,label\n" + "".join(f"{i},x\n" for i in [*SAME_SIZE[:2], "later.jpg"]))
     out = tmp_path / "out"
-    first = extract.run_local(_cfg(root / "list.csv", out))
+    first = driver.run(_cfg(root / "list.csv", out), LocalRunner())
     assert first["run"]["statuses"] == {"ok": 2, imgs.READ_ERROR: 1}
     shard = storage.read_parquet(fstore.shard_paths(str(out), "g00001-000000")["images"])
     row = shard.filter(pa.compute.equal(shard.column("image_id"), "later.jpg")).to_pylist()[0]
     assert row["status"] == imgs.READ_ERROR and "FileNotFoundError" in row["error"]
     assert fstore.read_done_markers(str(out))[0]["retry"] == ["later.jpg"]
     shutil.copy(SAMPLE / SAME_SIZE[2], root / "later.jpg")
-    second = extract.run_local(_cfg(root / "list.csv", out))
+    second = driver.run(_cfg(root / "list.csv", out), LocalRunner())
     assert second["run"]["images"] == 1 and second["run"]["ok"] == 1 and second["run"]["skipped_already_done"] == 2
     _assert_exactly_once(str(out), [*SAME_SIZE[:2], "later.jpg"])
 
@@ -346,7 +346,7 @@ def test_crash_mid_shard_then_rerun_processes_only_the_unfinished_shards(corpus:
                                                                          monkeypatch):
     out = tmp_path / "out"
     cfg = _cfg(corpus, out)
-    real_write = extract.write_shard
+    real_write = worker.write_shard
 
     def crash_in_second_shard(output, shard, itab, rtab, stats, so=None):
         if shard.shard_id.endswith("-000001"):
@@ -354,9 +354,9 @@ def test_crash_mid_shard_then_rerun_processes_only_the_unfinished_shards(corpus:
             raise RuntimeError("simulated crash while writing a shard")
         return real_write(output, shard, itab, rtab, stats, so)
 
-    monkeypatch.setattr(extract, "write_shard", crash_in_second_shard)
+    monkeypatch.setattr(worker, "write_shard", crash_in_second_shard)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        extract.run_local(cfg)
+        driver.run(cfg, LocalRunner())
     monkeypatch.undo()
     assert [m["shard"] for m in fstore.read_done_markers(str(out))] == ["g00001-000000"]
     assert (out / "images" / "g00001-000001.parquet").exists()  # data without a marker: not done
@@ -364,7 +364,7 @@ def test_crash_mid_shard_then_rerun_processes_only_the_unfinished_shards(corpus:
     first_shard = _processed_ids(str(out), 1)
     assert len(first_shard) == 3
 
-    manifest = extract.run_local(cfg)
+    manifest = driver.run(cfg, LocalRunner())
     run = manifest["run"]
     assert manifest["generation"] == 2
     assert (run["images"], run["skipped_already_done"], run["planned_shards"], run["shards"]) == (5, 3, 2, 2)
@@ -373,14 +373,14 @@ def test_crash_mid_shard_then_rerun_processes_only_the_unfinished_shards(corpus:
     _assert_exactly_once(str(out), SAME_SIZE)
     _assert_matches(str(out), _reference(model, _files(corpus, SAME_SIZE)))
 
-    again = extract.run_local(cfg)["run"]
+    again = driver.run(cfg, LocalRunner())["run"]
     assert (again["images"], again["planned_shards"], again["skipped_already_done"]) == (0, 0, 8)
 
 
 def test_rerun_after_adding_changing_and_deleting_images_processes_only_those(corpus: Path, tmp_path: Path, model):
     out = tmp_path / "out"
     cfg = _cfg(corpus, out)
-    assert extract.run_local(cfg)["run"]["images"] == 8
+    assert driver.run(cfg, LocalRunner())["run"]["images"] == 8
     added = ["Leopards/image_0001.jpg", "Leopards/image_0002.jpg"]
     _copy(added, corpus)
     changed = "Faces/image_0002.jpg"
@@ -388,7 +388,7 @@ def test_rerun_after_adding_changing_and_deleting_images_processes_only_those(co
     deleted = "car_side/image_0004.jpg"
     (corpus / deleted).unlink()
 
-    manifest = extract.run_local(cfg)
+    manifest = driver.run(cfg, LocalRunner())
     run = manifest["run"]
     assert (run["images"], run["deleted"], run["skipped_already_done"], run["planned_shards"]) == (3, 1, 6, 1)
     assert _processed_ids(str(out), 2) == sorted([*added, changed])
@@ -400,7 +400,7 @@ def test_rerun_after_adding_changing_and_deleting_images_processes_only_those(co
     row = images.filter(pa.compute.equal(images.column("image_id"), changed))
     np.testing.assert_allclose(column_to_numpy(row, "crow")[0], ref["crow"], rtol=1e-4, atol=1e-4)
 
-    again = extract.run_local(cfg)["run"]
+    again = driver.run(cfg, LocalRunner())["run"]
     assert (again["images"], again["deleted"], again["skipped_already_done"]) == (0, 0, 9)
 
 
@@ -414,7 +414,7 @@ def test_data_is_written_before_each_marker_and_the_manifest_last(corpus: Path, 
         return real(url, data, so)
 
     monkeypatch.setattr(storage, "write_bytes", spy)
-    extract.run_local(_cfg(corpus, tmp_path / "out", shard_size=4))
+    driver.run(_cfg(corpus, tmp_path / "out", shard_size=4), LocalRunner())
     assert writes[0] == "config.json" and writes[-1] == "manifest.json"
     for sid in ("g00001-000000", "g00001-000001"):
         done = writes.index(f"_done/{sid}.json")
@@ -423,10 +423,10 @@ def test_data_is_written_before_each_marker_and_the_manifest_last(corpus: Path, 
 
 def test_output_of_another_model_config_is_refused(corpus: Path, tmp_path: Path):
     out = tmp_path / "out"
-    extract.run_local(_cfg(corpus, out, shard_size=8))
+    driver.run(_cfg(corpus, out, shard_size=8), LocalRunner())
     with pytest.raises(ConfigError, match="another model config"):
-        extract.run_local(_cfg(corpus, out, shard_size=8, regions=4))
-    extract.run_local(_cfg(corpus, out, shard_size=2, batch_size=1))  # non-model settings may change
+        driver.run(_cfg(corpus, out, shard_size=8, regions=4), LocalRunner())
+    driver.run(_cfg(corpus, out, shard_size=2, batch_size=1), LocalRunner())  # non-model settings may change
 
 
 # ---- fail fast -----------------------------------------------------------------------------------------------------
@@ -436,13 +436,11 @@ def test_unreachable_input_or_unwritable_output_fail_before_any_work(tmp_path: P
                                                                     monkeypatch):
     import ray
 
-    from pipeline.extract import ray_runner as distributed
-
     def no_work(*_a, **_k):
         raise AssertionError("work started")
 
     monkeypatch.setattr(ray, "remote", no_work)
-    monkeypatch.setattr(extract, "ShardWorker", no_work)
+    monkeypatch.setattr(runners, "ShardWorker", no_work)
     so = json.dumps(s3_server)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -453,12 +451,12 @@ def test_unreachable_input_or_unwritable_output_fail_before_any_work(tmp_path: P
         (_cfg(good_in, blocker / "out"), "cannot write to output"),
         (_cfg(good_in, "s3://no-such-bucket-7d2e/out", storage_options=so), "cannot write to output"),
     ]
-    for run in (extract.run_local, distributed.run_ray):
+    for runner in (LocalRunner(), RayRunner()):
         for cfg, match in cases:
             with pytest.raises(storage.StorageError, match=match):
-                run(cfg)
+                driver.run(cfg, runner)
             with pytest.raises(storage.StorageError, match=match):
-                extract.preflight(cfg, json.loads(cfg.storage_options or "{}"))
+                driver.preflight(cfg, json.loads(cfg.storage_options or "{}"))
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()  # bad input: output untouched
 
 
@@ -492,7 +490,7 @@ def test_s3_in_process_matches_model_and_never_writes_the_secret(corpus: Path, s
     _upload(corpus, SAME_SIZE, f"s3://{s3_bucket}/images", so)
     out = f"s3://{s3_bucket}/features/run1"
     caplog.set_level(logging.DEBUG)
-    manifest = extract.run_local(_cfg(f"s3://{s3_bucket}/images/", out, storage_options=json.dumps(so)))
+    manifest = driver.run(_cfg(f"s3://{s3_bucket}/images/", out, storage_options=json.dumps(so)), LocalRunner())
     assert manifest["config"]["storage_options"] == "<redacted>"
     assert manifest["run"]["images"] == 8
     _assert_matches(out, _reference(model, _files(corpus, SAME_SIZE)), so)
@@ -515,25 +513,23 @@ def _ray_session_logs() -> str:
 @pytest.mark.slow
 def test_run_ray_on_a_local_dir_survives_an_actor_killed_mid_shard(ray_local, corpus: Path, tmp_path: Path, model,
                                                                    monkeypatch, caplog):
-    from pipeline.extract import ray_runner as distributed
-
     flag = tmp_path / "killed-once"
 
-    class DiesOnce(extract.ShardWorker):
+    class DiesOnce(worker.ShardWorker):
         """Writes half of shard 1, then its process dies (once): Ray restarts the actor and the shard is redone."""
 
         def run(self, dshard):
             if dshard.shard.shard_id.endswith("-000001") and not flag.exists():
                 flag.write_text(str(os.getpid()))
-                itab, _, _ = extract.run_model_on_shard(self.model, dshard, self.batch_size)
+                itab, _, _ = worker.run_model_on_shard(self.model, dshard, self.batch_size)
                 storage.write_parquet(fstore.shard_paths(self.output, dshard.shard.shard_id)["images"], itab)
                 os._exit(1)
             return super().run(dshard)
 
-    monkeypatch.setattr(distributed, "ShardWorker", DiesOnce)
+    monkeypatch.setattr(runners, "ShardWorker", DiesOnce)
     out = tmp_path / "out"
     caplog.set_level(logging.INFO, logger="pipeline")
-    manifest = distributed.run_ray(_cfg(corpus, out), progress_every_s=0.5)
+    manifest = driver.run(_cfg(corpus, out), RayRunner(), progress_every_s=0.5)
     assert flag.exists() and int(flag.read_text()) != os.getpid()  # it died, in another process
     run = manifest["run"]
     assert SUMMARY_KEYS <= set(run)
@@ -544,16 +540,14 @@ def test_run_ray_on_a_local_dir_survives_an_actor_killed_mid_shard(ray_local, co
     _assert_exactly_once(str(out), SAME_SIZE)
     _assert_matches(str(out), _reference(model, _files(corpus, SAME_SIZE)))
     monkeypatch.undo()
-    again = distributed.run_ray(_cfg(corpus, out))["run"]  # nothing left to do: no actor is even started
+    again = driver.run(_cfg(corpus, out), RayRunner())["run"]  # nothing left to do: no actor is even started
     assert (again["images"], again["skipped_already_done"], again["planned_shards"]) == (0, 8, 0)
 
 
 @pytest.mark.slow
 def test_run_ray_on_s3_resumes_a_failed_run_matches_the_model_and_never_logs_the_secret(
         ray_local, corpus: Path, s3_server: dict, s3_bucket: str, model, monkeypatch, caplog, capfd):
-    from pipeline.extract import ray_runner as distributed
-
-    class AlwaysDies(extract.ShardWorker):
+    class AlwaysDies(worker.ShardWorker):
         def run(self, dshard):
             if dshard.shard.shard_id.endswith("-000001"):
                 os._exit(1)
@@ -564,10 +558,10 @@ def test_run_ray_on_s3_resumes_a_failed_run_matches_the_model_and_never_logs_the
     out = f"s3://{s3_bucket}/out"
     cfg = _cfg(f"s3://{s3_bucket}/in", out, storage_options=json.dumps(so), shard_size=4, batch_size=4, prefetch=1)
     caplog.set_level(logging.DEBUG)
-    monkeypatch.setattr(distributed, "ShardWorker", AlwaysDies)
-    monkeypatch.setattr(distributed, "SHARD_ATTEMPTS", 1)
+    monkeypatch.setattr(runners, "ShardWorker", AlwaysDies)
+    monkeypatch.setattr(runners, "SHARD_ATTEMPTS", 1)
     with pytest.raises(RuntimeError, match="shard g00001-000001 failed 1 times; rerun"):
-        distributed.run_ray(cfg)
+        driver.run(cfg, RayRunner())
     monkeypatch.undo()
     fs, _ = storage.url_to_fs(out, so)
     assert not fs.exists(f"{s3_bucket}/out/manifest.json")
@@ -576,7 +570,7 @@ def test_run_ray_on_s3_resumes_a_failed_run_matches_the_model_and_never_logs_the
 
     # The rerun (same driver, so any cached S3 listing would be stale) redoes only the failed shard. It would wait
     # forever for CPUs if the failed run had left its restartable actor alive.
-    manifest = distributed.run_ray(cfg)
+    manifest = driver.run(cfg, RayRunner())
     run = manifest["run"]
     assert (run["images"], run["shards"], run["skipped_already_done"], manifest["live_images"]) == (4, 1, 4, 8)
     assert _processed_ids(out, 2, so) == SAME_SIZE[4:]

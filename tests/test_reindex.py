@@ -1,5 +1,5 @@
-"""Versioned publishing (pipeline/publish.py) and scheduled re-indexing (jobs/reindex.py), on a temp dir and on S3
-(moto on loopback): publish / rollback / prune, a reader during a rebuild, incremental re-index runs."""
+"""Versioned publishing (pipeline/store/versions.py) and scheduled re-indexing (pipeline/reindex.py, jobs/reindex.py),
+on a temp dir and on S3 (moto on loopback): publish / rollback / prune, a reader during a rebuild, incremental runs."""
 
 from __future__ import annotations
 

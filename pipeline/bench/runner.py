@@ -15,33 +15,34 @@ from pipeline.bench.methods import method_rankers, select_methods
 from pipeline.bench.protocols import PROTOCOLS
 from pipeline.bench.report import markdown_table, results_sheet, save_png, to_jsonable
 from pipeline.config import BenchmarkConfig, ExtractConfig, public_dict
+from pipeline.extract import driver
+from pipeline.extract.runners import LocalRunner, Runner
 from pipeline.io import storage
 
 log = logging.getLogger(__name__)
 
 
-def extract_dataset(cfg: BenchmarkConfig, out: str, so: dict[str, Any]) -> str:
-    """Run the extraction job over a dataset's images (on Ray) unless it is already complete there.
+def extract_dataset(cfg: BenchmarkConfig, out: str, runner: Runner) -> str:
+    """Run the extraction over a dataset's images with ``runner`` (only images not already done there are processed).
 
     Returns:
         The features URL.
     """
-    from pipeline.extract.ray_runner import init_ray, run_ray
-
     mc = cfg.model_config()
     ecfg = ExtractConfig(**dataclasses.asdict(mc), input=cfg.dataset, output=out, batch_size=cfg.batch_size,
                          shard_size=cfg.shard_size, storage_options=cfg.storage_options)
     ecfg.validate()
-    init_ray()
-    run_ray(ecfg)
+    driver.run(ecfg, runner)
     return out
 
 
-def run(cfg: BenchmarkConfig) -> dict[str, Any]:
+def run(cfg: BenchmarkConfig, runner: Runner | None = None) -> dict[str, Any]:
     """Run a benchmark and write ``report.json``, ``report.md`` and ``results.png`` under ``cfg.report``.
 
     Args:
         cfg: the benchmark config.
+        runner: what extracts the dataset when ``cfg.features`` is not given (default: this process;
+            jobs/benchmark.py passes a RayRunner).
 
     Returns:
         The report dict.
@@ -57,7 +58,7 @@ def run(cfg: BenchmarkConfig) -> dict[str, Any]:
     paths, labels = protocol.ground_truth()
 
     # 2. Features.
-    features = cfg.features or extract_dataset(cfg, storage.join(cfg.report, "features"), so)
+    features = cfg.features or extract_dataset(cfg, storage.join(cfg.report, "features"), runner or LocalRunner())
     timings["extract_s"] = time.perf_counter() - t0
     c = load_corpus(features, root, paths, labels, so, regions=cfg.regions)
     if c.missing:

@@ -1,1 +1,2 @@
-"""Extraction: shard planning, the per-shard worker, and the runners (in-process, Ray) behind one driver."""
+"""Extraction: shard planning (plan), the per-shard worker (worker), runners behind one interface (runners), and the
+one driver (driver.run) that lists, plans, runs and writes the manifest."""

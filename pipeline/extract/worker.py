@@ -1,79 +1,24 @@
-"""Extraction: plan shards, decode a shard, run the model over it, write its tables; and the thin Ray layer around it."""
+"""The per-shard work of an extraction: decode a shard, run the model over it, write its tables and done-marker."""
 
 from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ConfigError, ExtractConfig, ModelConfig, config_hash, public_dict
+from pipeline.config import ModelConfig
+from pipeline.extract.plan import DecodedShard, Shard
 from pipeline.io import images as imgs
 from pipeline.io import listing, storage
 from pipeline.schema import GLOBAL_KINDS, images_schema, regions_schema, to_table
 from pipeline.store import feature_store as fstore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """The unit of work, failure and retry: a fixed list of images with a stable name."""
-
-    shard_id: str
-    generation: int
-    records: tuple[listing.ImageRecord, ...]
-
-
-@dataclass
-class DecodedShard:
-    """A shard's images decoded and resized on a CPU worker (what travels to the model actor)."""
-
-    shard: Shard
-    decoded: list[imgs.Decoded]
-    read_s: float
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a run will do: shards to process, ids to delete, and what is already done."""
-
-    generation: int
-    shards: list[Shard]
-    deleted: list[str]
-    skipped: int
-    markers: list[dict[str, Any]]
-
-
-def plan_shards(records: Sequence[listing.ImageRecord], markers: Sequence[dict[str, Any]], shard_size: int) -> Plan:
-    """Plan a run: every listed image whose id and fingerprint are not already live in a done shard is pending;
-    pending images are cut into shards of a new generation; live images no longer listed are deleted.
-
-    Rerunning after a crash therefore redoes only unfinished shards' images, and rerunning after images were added
-    or changed processes only those.
-
-    Args:
-        records: the listed input, sorted by image_id.
-        markers: done-markers already under the output.
-        shard_size: images per shard.
-
-    Returns:
-        The plan.
-    """
-    live = fstore.live_images(markers)
-    pending = [r for r in records if live.get(r.image_id, ("", None))[1] != r.fingerprint]
-    listed = {r.image_id for r in records}
-    deleted = sorted(set(live) - listed)
-    gen = fstore.next_generation(markers)
-    shards = [Shard(fstore.shard_id(gen, i // shard_size), gen, tuple(pending[i:i + shard_size]))
-              for i in range(0, len(pending), shard_size)]
-    return Plan(gen, shards, deleted, len(records) - len(pending), list(markers))
 
 
 def decode_shard(shard: Shard, max_side: int, max_pixels: int, storage_options: dict[str, Any] | None = None,
@@ -207,8 +152,8 @@ class ShardWorker:
         output: extraction output URL.
         batch_size: images per forward pass.
         float16: store vectors as float16.
-        threads: torch CPU threads (0 = all cores of this machine; run_ray passes its own choice, see
-            pipeline.extract.ray_runner.actor_threads).
+        threads: torch CPU threads (0 = all cores of this machine; the Ray runner passes its own choice, see
+            pipeline.extract.runners.actor_threads).
         storage_options: fsspec options.
     """
 
@@ -231,115 +176,3 @@ class ShardWorker:
         log.info("shard %s: %d images (%d ok), read %.2fs infer %.2fs write %.2fs", dshard.shard.shard_id,
                  s["images"], s["ok"], s["read_s"], s["infer_s"], s["write_s"])
         return marker
-
-
-def versions() -> dict[str, str]:
-    """Versions of what produced an output (written into manifests), from the installed packages' metadata: the
-    driver never imports torch just to name its version (that import alone took 5-15 s per run)."""
-    import importlib.metadata
-
-    v = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "pyarrow", "numpy", "fsspec", "ray"):
-        try:
-            v[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return v
-
-
-def prepare_output(cfg: ExtractConfig, storage_options: dict[str, Any]) -> list[dict[str, Any]]:
-    """Check the output is writable and compatible with this config, write ``config.json``, clean a crashed run's
-    orphan files, and return the done-markers already there.
-
-    Raises:
-        storage.StorageError: unreachable or unwritable output.
-        ConfigError: (a ValueError) the output holds features of another model config.
-    """
-    storage.check_writable(cfg.output, storage_options)
-    model_hash = config_hash(cfg.model_config())
-    cfg_url = storage.join(cfg.output, fstore.CONFIG)
-    fs, path = storage.url_to_fs(cfg_url, storage_options)
-    fs.invalidate_cache(path)  # s3fs listings cached in this process may predate another run's files
-    if fs.exists(path):
-        prev = storage.read_json(cfg_url, storage_options)
-        if prev.get("model_hash") != model_hash:
-            raise ConfigError(f"{cfg.output} holds features of another model config ({prev.get('model_hash')} != "
-                             f"{model_hash}: {prev.get('model')}); write to a new --output")
-    storage.write_json(cfg_url, {"config": public_dict(cfg), "model": public_dict(cfg.model_config()),
-                                 "model_hash": model_hash}, storage_options)
-    markers = fstore.read_done_markers(cfg.output, storage_options)
-    removed = fstore.remove_orphans(cfg.output, markers, storage_options)
-    if removed:
-        log.info("removed %d data files of shards that never finished", removed)
-    return markers
-
-
-def summarise(markers: Sequence[dict[str, Any]], elapsed: float) -> dict[str, Any]:
-    """Counts and throughput of the shards a run finished."""
-    statuses: dict[str, int] = {}
-    images = regions = 0
-    timing = {"read_s": 0.0, "infer_s": 0.0, "write_s": 0.0}
-    for m in markers:
-        s = m["stats"]
-        images += s["images"]
-        regions += s["regions"]
-        for k, v in s["statuses"].items():
-            statuses[k] = statuses.get(k, 0) + v
-        for k in timing:
-            timing[k] += s.get(k, 0.0)
-    ok = statuses.get(imgs.OK, 0)
-    return {"shards": len(markers), "images": images, "ok": ok, "errors": images - ok, "statuses": statuses,
-            "regions": regions, "elapsed_s": round(elapsed, 3),
-            "images_per_s": round(images / elapsed, 3) if elapsed > 0 else None,
-            "stage_seconds_summed": {k: round(v, 3) for k, v in timing.items()}}
-
-
-def preflight(cfg: ExtractConfig, storage_options: dict[str, Any]) -> None:
-    """Cheap checks before anything starts (no listing, no Ray): the input exists and the output is writable.
-
-    Raises:
-        storage.StorageError: with a clear message.
-    """
-    listing.check_readable(cfg.input, storage_options)
-    storage.check_writable(cfg.output, storage_options)
-
-
-def run_local(cfg: ExtractConfig) -> dict[str, Any]:
-    """Run an extraction in this process without Ray (the reference the Ray job is compared against).
-
-    Args:
-        cfg: the extraction config.
-
-    Returns:
-        The run summary (also written as the manifest).
-    """
-    so = cfg.fs_options
-    t0 = time.perf_counter()
-    records = listing.list_images(cfg.input, so)  # fails fast on an unreachable input, before the output is touched
-    markers = prepare_output(cfg, so)
-    plan = plan_shards(records, markers, cfg.shard_size)
-    worker = ShardWorker(cfg.model_config(), cfg.output, cfg.batch_size, cfg.float16, cfg.threads, so)
-    done = [worker.run(decode_shard(s, cfg.max_side, cfg.max_pixels, so)) for s in plan.shards]
-    return finish(cfg, plan, done, time.perf_counter() - t0, so)
-
-
-def finish(cfg: ExtractConfig, plan: Plan, done: list[dict[str, Any]], elapsed: float,
-           storage_options: dict[str, Any]) -> dict[str, Any]:
-    """Record deletions, then write the run manifest last.
-
-    Returns:
-        The manifest.
-    """
-    if plan.deleted:
-        sid = f"g{plan.generation:05d}-deleted"
-        storage.write_json(storage.join(cfg.output, fstore.DONE_DIR, f"{sid}.json"),
-                           {"shard": sid, "generation": plan.generation, "kind": "deleted", "images": plan.deleted},
-                           storage_options)
-    summary = summarise(done, elapsed)
-    summary.update({"skipped_already_done": plan.skipped, "deleted": len(plan.deleted), "planned_shards": len(plan.shards)})
-    live = fstore.live_images(fstore.read_done_markers(cfg.output, storage_options))
-    manifest = {"config": public_dict(cfg), "model_hash": config_hash(cfg.model_config()), "generation": plan.generation,
-                "run": summary, "live_images": len(live), "versions": versions(),
-                "finished": fstore.now()}
-    storage.write_json(storage.join(cfg.output, fstore.MANIFEST), manifest, storage_options)
-    return manifest

@@ -10,9 +10,8 @@ from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 
-from pipeline.io.storage import StorageError, fresh, join, read_parquet, url_to_fs
+from pipeline.io.storage import StorageError, fresh, join, read_parquet, url_to_fs, write_json
 
-# Output layout under an extraction URL.
 # Output layout under an extraction URL.
 IMAGES_DIR = "images"
 REGIONS_DIR = "regions"
@@ -34,6 +33,14 @@ def shard_paths(output: str, sid: str) -> dict[str, str]:
         "regions": join(output, REGIONS_DIR, f"{sid}.parquet"),
         "done": join(output, DONE_DIR, f"{sid}.json"),
     }
+
+
+def write_deletions(output: str, generation: int, image_ids: Sequence[str],
+                    storage_options: dict[str, Any] | None = None) -> None:
+    """Record that a run's generation removed these ids from the live set (a done-marker of kind ``deleted``)."""
+    sid = f"g{generation:05d}-deleted"
+    write_json(shard_paths(output, sid)["done"],
+               {"shard": sid, "generation": generation, "kind": "deleted", "images": list(image_ids)}, storage_options)
 
 
 def read_done_markers(output: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:

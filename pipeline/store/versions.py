@@ -25,6 +25,7 @@ import time
 import uuid
 from typing import Any
 
+from pipeline.config import MIN_KEEP  # defined with the --keep flag it bounds
 from pipeline.io import storage
 from pipeline.io.storage import StorageError
 from pipeline.store import feature_store as fstore
@@ -36,7 +37,6 @@ FEATURES = "features"
 VERSIONS = "versions"
 POINTER = "CURRENT"
 SOURCE = "_SOURCE.json"
-MIN_KEEP = 2  # the version just replaced stays: a reader that resolved the pointer before a publish still finds it
 
 _VERSION_RE = re.compile(r"^v(\d{6})-(\d{8}T\d{6}Z)$")
 

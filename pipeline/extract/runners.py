@@ -1,0 +1,167 @@
+"""Runners: what turns a plan's shards into done-markers, in this process (LocalRunner) or on Ray (RayRunner)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import deque
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+from pipeline.config import ExtractConfig
+from pipeline.extract.plan import Shard
+from pipeline.extract.worker import ShardWorker, decode_shard
+
+if TYPE_CHECKING:
+    from pipeline.extract.driver import Progress
+
+log = logging.getLogger(__name__)
+
+SHARD_ATTEMPTS = 3  # runs of a shard whose actor died (Ray retries) or that raised (resubmitted) before the job fails
+
+
+class Runner(Protocol):
+    """Processes shards (decode, model, write: each ends with its done-marker) and returns their markers.
+
+    Listing, planning and the manifest are the driver's (``pipeline.extract.driver.run``); a runner only decides
+    where and how the per-shard work of ``pipeline.extract.worker`` runs.
+    """
+
+    def run(self, cfg: ExtractConfig, shards: Sequence[Shard], progress: Progress) -> list[dict[str, Any]]:
+        """Process every shard; call ``progress(done)`` as shards finish and ``progress(done, final=True)`` at the end.
+
+        Returns:
+            The done-markers written, one per shard.
+        """
+        ...
+
+
+class LocalRunner:
+    """Runs shards one after another in this process, without Ray (single machine, debugging, tests; the reference
+    the Ray runner is compared against)."""
+
+    def run(self, cfg: ExtractConfig, shards: Sequence[Shard], progress: Progress) -> list[dict[str, Any]]:
+        """Build the model here, then decode and process each shard in turn (see ``Runner.run``)."""
+        so = cfg.fs_options
+        worker = ShardWorker(cfg.model_config(), cfg.output, cfg.batch_size, cfg.float16, cfg.threads, so)
+        done: list[dict[str, Any]] = []
+        for i, shard in enumerate(shards):
+            done.append(worker.run(decode_shard(shard, cfg.max_side, cfg.max_pixels, so)))
+            progress(done, final=i == len(shards) - 1)
+        return done
+
+
+class RayRunner:
+    """Runs shards on a Ray cluster: decode tasks on CPU workers feeding model actors (GPU or CPU).
+
+    It joins the cluster in RAY_ADDRESS, or starts a local Ray instance, the first time it has shards to run (a run
+    with nothing to do never starts Ray). Decode tasks run ahead of the model actors by ``cfg.prefetch`` shards per
+    actor so decoding, inference and writing overlap, and at most that many decoded shards exist at once (memory
+    stays flat as the corpus grows). A shard whose actor dies is resubmitted, up to ``SHARD_ATTEMPTS`` runs.
+    """
+
+    def run(self, cfg: ExtractConfig, shards: Sequence[Shard], progress: Progress) -> list[dict[str, Any]]:
+        """Schedule the shards on model actors started for this run, and stop them at the end (see ``Runner.run``).
+
+        Raises:
+            RuntimeError: a shard failed ``SHARD_ATTEMPTS`` times (rerunning the same command resumes).
+        """
+        import ray
+
+        init_ray()
+        so = cfg.fs_options
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        num_gpus = cfg.num_gpus if cfg.num_gpus >= 0 else (1.0 if gpus >= 1 else 0.0)
+        n_actors = cfg.num_actors or (max(1, int(gpus // num_gpus)) if num_gpus > 0 else 1)
+        n_actors = max(1, min(n_actors, len(shards)))
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        threads = actor_threads(cfg.threads, num_gpus, cfg.actor_cpus, cpus, n_actors)
+        log.info("%d model actor(s), %.2g GPU, %.2g CPU and %d torch threads each", n_actors, num_gpus, cfg.actor_cpus,
+                 threads)
+        # max_task_retries > 0: a call whose actor process died is retried by Ray on the restarted actor. With 0, the
+        # resubmitted shard reached the actor while it was still restarting and failed at once (ActorUnavailableError),
+        # so one crash used up every attempt within a second and failed the job. Shards are idempotent (same shard
+        # id, files overwritten, marker last), so re-running one is safe.
+        actor_cls = ray.remote(num_cpus=cfg.actor_cpus, num_gpus=num_gpus, max_restarts=-1,
+                               max_task_retries=max(0, SHARD_ATTEMPTS - 1))(ShardWorker)
+        actors = [actor_cls.remote(model_config=cfg.model_config(), output=cfg.output, batch_size=cfg.batch_size,
+                                   float16=cfg.float16, threads=threads, storage_options=so)
+                  for _ in range(n_actors)]
+        decode = ray.remote(num_cpus=1, max_retries=SHARD_ATTEMPTS)(decode_shard)
+        queue = deque((s, 1) for s in shards)
+        inflight: dict[Any, tuple[Shard, int, int]] = {}
+        load = [0] * n_actors
+        done: list[dict[str, Any]] = []
+        try:
+            while queue or inflight:
+                while queue and len(inflight) < n_actors * cfg.prefetch:
+                    shard, attempt = queue.popleft()
+                    a = min(range(n_actors), key=load.__getitem__)
+                    ref = actors[a].run.remote(decode.remote(shard, cfg.max_side, cfg.max_pixels, so))
+                    inflight[ref] = (shard, a, attempt)
+                    load[a] += 1
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress.every_s)
+                for ref in ready:
+                    shard, a, attempt = inflight.pop(ref)
+                    load[a] -= 1
+                    try:
+                        done.append(ray.get(ref))
+                    except ray.exceptions.RayError as e:
+                        if attempt >= SHARD_ATTEMPTS:
+                            raise RuntimeError(f"shard {shard.shard_id} failed {attempt} times; rerun the same "
+                                               f"command to resume: {e}") from e
+                        log.warning("shard %s failed (attempt %d), resubmitting: %s", shard.shard_id, attempt,
+                                    str(e).splitlines()[0])
+                        queue.append((shard, attempt + 1))
+                progress(done, final=not (queue or inflight))
+        finally:
+            # Also when the run fails: restartable actors would otherwise outlive it, holding their CPUs/GPUs, and a
+            # later run on the same cluster could wait forever for those resources.
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+        return done
+
+
+def make_runner(in_process: bool) -> Runner:
+    """The runner a job's ``--in-process`` flag selects: ``LocalRunner`` when set, else ``RayRunner``."""
+    return LocalRunner() if in_process else RayRunner()
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local Ray instance.
+
+    Args:
+        num_cpus: CPUs of a local instance (None = all).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def actor_threads(threads: int, num_gpus: float, actor_cpus: float, cluster_cpus: float, n_actors: int) -> int:
+    """Torch CPU threads per model actor.
+
+    Args:
+        threads: the config's value; > 0 is used as given.
+        num_gpus: GPUs per actor.
+        actor_cpus: CPUs reserved per actor.
+        cluster_cpus: CPUs of the cluster.
+        n_actors: model actors of the run.
+
+    Returns:
+        ``threads`` if set; else on GPU actors the actor's reserved CPUs (the GPU does the arithmetic; more threads
+        would only compete with the decode tasks), and on CPU actors the cluster's CPUs shared among the actors (each
+        actor used to take every core of its node, so k actors on a node ran k x cores threads: oversubscribed
+        intra-op threads stall on each other, several times slower than one thread per core here).
+    """
+    if threads > 0:
+        return threads
+    if num_gpus > 0:
+        return max(1, math.ceil(actor_cpus))
+    return max(1, int(cluster_cpus // max(1, n_actors)))
