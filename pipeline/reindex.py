@@ -37,9 +37,11 @@ def reindex(cfg: ReindexConfig, runner: Runner) -> dict[str, Any]:
     newest = None if cfg.force else pub.is_up_to_date(cfg.root, state, so)
     cur = pub.current(cfg.root, so)
     if newest is not None:
-        # Nothing changed since the newest build: keep what is published (a rollback holds), or publish that build
-        # when an earlier run stopped between its build and its publish.
-        pointer = cur if cur is not None else pub.publish(cfg.root, newest, so, {"features_state": state})
+        # Nothing changed since the newest build. Keep what is published when it is that build or a deliberate
+        # rollback (recorded in the pointer); otherwise an earlier run stopped between its build and its publish:
+        # publish that build now.
+        held = cur is not None and (cur["version"] == newest or cur.get("rolled_back_from"))
+        pointer = cur if held else pub.publish(cfg.root, newest, so, {"features_state": state})
         summary.update({"built": None, "up_to_date": newest})
     else:
         version = pub.new_version(cfg.root, so)

@@ -151,7 +151,7 @@ def test_reader_during_rebuild_sees_the_old_complete_version(tiny_features: Any,
         index = pub.resolve_index(url)
         seen.append((index.rsplit("/", 1)[-1], len(Searcher(index, model=object()).ids)))
 
-    real_save = reduce.fx.save_index
+    real_save = reduce.fx.index_bytes
 
     def save_index_and_read(*args: Any, **kwargs: Any) -> Any:
         reader()  # mid-build: v2 holds PCA files, no faiss index and no done-marker yet
@@ -159,7 +159,7 @@ def test_reader_during_rebuild_sees_the_old_complete_version(tiny_features: Any,
             Searcher(pub.version_url(url, v2), model=object())
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(reduce.fx, "save_index", save_index_and_read)
+    monkeypatch.setattr(reduce.fx, "index_bytes", save_index_and_read)  # serialising a faiss index to write it
     reduce.build(IndexConfig(features=features, output=pub.version_url(url, v2), pca_dim=8))
     monkeypatch.undo()
     reader()  # built, not yet published
@@ -258,3 +258,35 @@ def test_reindex_s3_incremental(s3_server: dict, s3_bucket: str, tmp_path: Path,
     extra = sorted((SAMPLE / "watch").glob("*.jpg"))[0]
     _reindex_twice(f"s3://{s3_bucket}/images", f"s3://{s3_bucket}/sigregions", s3_server,
                    lambda: fs.put_file(str(extra), f"{s3_bucket}/images/watch/{extra.name}"), capsys)
+
+
+@pytest.mark.slow
+def test_a_build_that_crashed_before_its_publish_is_published_by_the_next_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    reindex = _job("reindex")
+    images, url = tmp_path / "images", str(tmp_path / "root")
+    _images(images, per_class=2)
+    common = ["--input", str(images), "--root", url, "--in-process", "--pca-dim", "8", "--keep", "2", *TINY]
+    v1 = _run(reindex, common, capsys)["built"]["version"]
+
+    extra = sorted((SAMPLE / "watch").glob("*.jpg"))[0]
+    (images / "watch").mkdir()
+    shutil.copy(extra, images / "watch" / extra.name)
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt("killed between the build and the publish")
+
+    monkeypatch.setattr(pub, "publish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        reindex.main(common)
+    monkeypatch.undo()
+    (v2,) = [n for n, complete in pub.list_versions(url) if complete and n != v1]
+    assert pub.current(url)["version"] == v1  # built, not published
+
+    rerun = _run(reindex, common, capsys)
+    assert rerun["built"] is None and rerun["up_to_date"] == v2 and rerun["current"]["version"] == v2
+    assert pub.current(url)["version"] == v2
+
+    # A deliberate rollback is different: it holds.
+    assert _run(reindex, ["--root", url, "--rollback"], capsys)["current"]["version"] == v1
+    assert _run(reindex, common, capsys)["current"]["version"] == v1
