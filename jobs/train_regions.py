@@ -16,7 +16,8 @@ import sys
 import _common  # noqa: F401  (puts the checkout on sys.path)
 
 from pipeline.config import ConfigError, parse_args
-from pipeline.densecap.train import TrainConfig, fit, prepare_data, summary
+from pipeline.densecap.config import TrainConfig
+from pipeline.densecap.ray_train import fit, prepare_data, summary
 from pipeline.extract.ray_runner import init_ray
 from pipeline.io.storage import StorageError
 

@@ -133,3 +133,20 @@ def write_npy(url: str, a: np.ndarray, storage_options: dict[str, Any] | None = 
 def read_npy(url: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
     """Read a .npy object (pickles refused)."""
     return np.load(io.BytesIO(read_bytes(url, storage_options)), allow_pickle=False)
+
+
+def write_torch(url: str, obj: Any, storage_options: dict[str, Any] | None = None) -> None:
+    """Write one object with ``torch.save`` (tensors and plain containers, so that ``read_torch`` can load it)."""
+    import torch  # here, not at the top: most readers of this module never touch a torch file
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(url, buf.getvalue(), storage_options)
+
+
+def read_torch(url: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """Read one ``torch.save`` object onto the CPU with ``weights_only=True`` (a file can never run code)."""
+    import torch
+
+    with io.BytesIO(read_bytes(url, storage_options)) as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
