@@ -1,5 +1,4 @@
-"""The region-model checkpoint, written by training and read by extraction: its format, building it from a trained
-model, saving, loading with validation, and restoring the trained parts into a region model."""
+"""The region-model checkpoint: its format, building it from a trained model, saving, loading and restoring."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The training job's config (TrainConfig), what a resumed run must share with the run it resumes, and the files a
-run writes under its output."""
+"""The training job's config (TrainConfig), what a resumed run must keep, and the files a run writes."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Visual Genome region descriptions as training data: parsing, image file discovery, the seeded split, compact
-RegionData, the torch Dataset, collation and model inputs."""
+"""Visual Genome region descriptions as training data: parsing, image files, split, Dataset, model inputs."""
 
 from __future__ import annotations
 

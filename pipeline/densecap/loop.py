@@ -21,6 +21,7 @@ from pipeline.io import storage
 
 log = logging.getLogger(__name__)
 
+
 def read_state_marker(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The resume marker of an earlier run under ``output``, or None."""
     url = storage.join(output, STATE_MARKER)

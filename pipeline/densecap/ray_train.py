@@ -1,5 +1,4 @@
-"""Running the training: preparing the data on the driver, in-process (fit_local) or on Ray Train (fit), and the
-job's summary."""
+"""Running the training: data prepared on the driver, in-process (fit_local) or on Ray Train (fit), summary."""
 
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ from pipeline.densecap.loop import read_state_marker, train_worker
 from pipeline.io import listing, storage
 
 log = logging.getLogger(__name__)
+
 
 def prepare_data(cfg: TrainConfig) -> tuple[RegionData, RegionData, list[str], dict[str, Any]]:
     """Check the output (a resumed run must have the same config), then load and split the data (on the driver).

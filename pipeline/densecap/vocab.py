@@ -1,5 +1,4 @@
-"""The caption vocabulary: DenseCap's tokenisation, the special tokens, building a vocabulary, encoding and decoding
-phrases."""
+"""The caption vocabulary: DenseCap's tokenisation, special tokens, building, encoding and decoding phrases."""
 
 from __future__ import annotations
 

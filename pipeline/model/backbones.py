@@ -122,4 +122,3 @@ def build_backbone(name: str, random_weights: bool = False) -> Backbone:
     if bb.head is not None:
         bb.head.eval()
     return bb
-

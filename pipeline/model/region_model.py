@@ -1,5 +1,4 @@
-"""The region model, composed like torchvision's detection models: transform -> backbone -> proposer -> recognition
--> descriptors -> postprocess, batched over images of any size and over the levels of a region pyramid."""
+"""The region model composed: transform -> backbone -> proposer -> recognition -> descriptors -> postprocess."""
 
 from __future__ import annotations
 

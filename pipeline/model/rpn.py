@@ -1,5 +1,4 @@
-"""The DenseCap-style RPN localization layer in one place: the module, its inference (``propose``) and its training
-targets and losses (``RPNLoss``)."""
+"""The DenseCap-style RPN localization layer: the module, its inference (propose), its training targets and loss."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The model's input transform: decoded images -> one normalised, padded batch (inference and training alike), the
-pyramid's rescaled batches, the feature cells that cover each image, and boxes back to original pixels."""
+"""The input transform: images -> a normalised padded batch (inference and training), pyramid levels, boxes back."""
 
 from __future__ import annotations
 
