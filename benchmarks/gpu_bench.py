@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import ExtractConfig, ModelConfig  # noqa: E402
-from pipeline.extract.worker import run_local  # noqa: E402
+from pipeline.extract import driver  # noqa: E402
+from pipeline.extract.runners import LocalRunner  # noqa: E402
 from pipeline.io.images import decode_image  # noqa: E402
 from pipeline.model.region_model import RegionModel  # noqa: E402
 
@@ -71,7 +72,7 @@ def main() -> int:
         ecfg = ExtractConfig(input=args.images, output=out, max_side=args.max_side, regions=args.regions,
                              batch_size=args.batch_size, shard_size=512)
         t0 = time.perf_counter()
-        m = run_local(ecfg)
+        m = driver.run(ecfg, LocalRunner())
         t_pipe = time.perf_counter() - t0
     n_pipe = m["run"]["images"]
     print()

@@ -41,9 +41,10 @@ from pipeline.bench import metrics as ev  # noqa: E402
 from pipeline.bench.runner import rank_all  # noqa: E402
 from pipeline.io.images import decode_image  # noqa: E402
 from pipeline.model import descriptors as D  # noqa: E402
-from pipeline.model.backbones import build_backbone, normalise  # noqa: E402
-from pipeline.model.proposals import activation_proposals  # noqa: E402
+from pipeline.model.backbones import build_backbone  # noqa: E402
+from pipeline.model.proposals import ActivationProposer  # noqa: E402
 from pipeline.model.recognition import pool_roi  # noqa: E402
+from pipeline.model.transform import normalise  # noqa: E402
 from pipeline.reduce.pca import PCA, fuse, l2n  # noqa: E402
 
 
@@ -63,10 +64,7 @@ def dilated_tail(features: torch.nn.Module) -> torch.nn.Module:
 def region_locals(fm: torch.Tensor, stride: int, h: int, w: int, k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Top-k activation regions of one map (C, hc, wc), proposed once -> (boxes in pixels, {pool: local feature}) for
     GeM and MAC region descriptors (eq. 1-2 over the regions)."""
-    cells, _ = activation_proposals(fm, k, nms_iou=0.5)
-    b = cells * stride
-    b[:, 0::2] = b[:, 0::2].clamp(0, w)
-    b[:, 1::2] = b[:, 1::2].clamp(0, h)
+    [(b, _)] = ActivationProposer(stride, nms_iou=0.5).propose(fm[None], [(h, w)], k)
     x = roi_align(fm[None], [b], output_size=7, spatial_scale=1.0 / stride, sampling_ratio=2, aligned=True)
     return b, {pool: D.sum_pool_l1(pool_roi(x, pool)) for pool in ("gem", "mac")}
 

@@ -16,7 +16,8 @@ import sys
 import _common  # noqa: F401  (puts the checkout on sys.path)
 
 from pipeline.cli import run_job
-from pipeline.densecap.train import TrainConfig, fit, prepare_data, summary
+from pipeline.densecap.config import TrainConfig
+from pipeline.densecap.ray_train import fit, prepare_data, summary
 from pipeline.extract.runners import init_ray
 
 

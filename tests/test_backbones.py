@@ -11,7 +11,8 @@ from torch import nn
 
 from pipeline.config import BACKBONES
 from pipeline.model import weights
-from pipeline.model.backbones import REGISTRY, Backbone, WeightsUnavailable, build_backbone, normalise
+from pipeline.model.backbones import REGISTRY, Backbone, WeightsUnavailable, build_backbone
+from pipeline.model.transform import normalise
 
 # name -> (stride, channels, descriptor_dim, random weights?): MobileNetV2's ImageNet file is installed offline.
 EXPECTED = {

@@ -1,5 +1,6 @@
 """The region model on real images: output keys and shapes, boxes in original pixels, the sum-pool + L1 invariant
-(paper eq. 1-2), descriptors against a separate per-image computation, and batch consistency."""
+(paper eq. 1-2), descriptors against a separate per-image computation, batch consistency, and the composed pieces
+(transform, proposer, pyramid merge, postprocess) against simple references and against the model."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from torchvision.ops import roi_align
 from pipeline.config import SAMPLE_DATA, ModelConfig
 from pipeline.io.images import Decoded, decode_image
 from pipeline.model import descriptors as D
-from pipeline.model.backbones import WeightsUnavailable, normalise
+from pipeline.model.backbones import WeightsUnavailable
+from pipeline.model.proposals import ActivationProposer, activation_proposals
 from pipeline.model.recognition import pool_roi
-from pipeline.model.region_model import RegionModel
+from pipeline.model.region_model import RegionModel, merge_levels, postprocess
+from pipeline.model.transform import batch_images, normalise, rescale_batch
 
 VECTOR_KEYS = ("global", "spoc", "mac", "rmac", "gem", "crow", "local")
 KEYS = set(VECTOR_KEYS) | {"boxes", "scores", "regions"}
@@ -276,3 +279,97 @@ def test_pyramid_batch_equals_one_by_one(pyramid: RegionModel, mixed) -> None:
         [alone] = run(pyramid, [d])
         for key in ("boxes", "scores", "regions", "local"):
             np.testing.assert_allclose(b[key], alone[key], rtol=1e-3, atol=1e-4, err_msg=key)
+
+
+# --- the composed pieces -----------------------------------------------------------------------------------------
+
+
+def test_merge_levels_equals_a_simple_reference() -> None:
+    """The pyramid merge: per image, levels concatenated in order, a stable sort by score descending, the top k."""
+    rng = np.random.default_rng(0)
+    levels = []
+    for _ in range(3):
+        counts = [int(rng.integers(0, 6)) for _ in range(4)]  # images with no region at some level too
+        # Few distinct scores, so that ties (broken by level order, then rank within the level) are tested.
+        scores = [torch.from_numpy(np.sort(rng.integers(0, 4, n).astype(np.float32))[::-1].copy()) for n in counts]
+        boxes = [torch.from_numpy(rng.random((n, 4), dtype=np.float32)) for n in counts]
+        desc = [torch.from_numpy(rng.random((n, 3), dtype=np.float32)) for n in counts]
+        levels.append((boxes, scores, desc))
+    k = 5
+    merged = merge_levels(levels, k)
+    assert len(merged) == 4
+    for i, (boxes, scores, desc) in enumerate(merged):
+        rows = [(float(lv[1][i][j]), lv[0][i][j], lv[2][i][j]) for lv in levels for j in range(len(lv[1][i]))]
+        want = sorted(rows, key=lambda r: -r[0])[:k]  # Python's sort is stable
+        assert scores.tolist() == [r[0] for r in want]
+        assert torch.equal(boxes, torch.stack([r[1] for r in want]) if want else torch.zeros(0, 4))
+        assert torch.equal(desc, torch.stack([r[2] for r in want]) if want else torch.zeros(0, 3))
+
+
+def test_batch_images_pads_and_zeroes_the_padding(model: RegionModel, mixed) -> None:
+    batch, _ = mixed
+    s = model.backbone.stride
+    x, hw = batch_images([d.array for d in batch], model.backbone, torch.device("cpu"))
+    assert hw == [d.array.shape[:2] for d in batch]
+    assert x.shape[2] % s == 0 and x.shape[3] % s == 0
+    assert x.shape[2] - s < max(h for h, _ in hw) <= x.shape[2] and x.shape[3] - s < max(w for _, w in hw) <= x.shape[3]
+    for i, (h, w) in enumerate(hw):
+        assert torch.equal(x[i, :, :h, :w], normalise(torch.from_numpy(batch[i].array)[None], model.backbone)[0])
+        assert not x[i, :, h:].any() and not x[i, :, :, w:].any()
+
+
+def test_activation_proposer_is_activation_proposals_in_pixels(model: RegionModel, mixed) -> None:
+    batch, _ = mixed
+    s = model.backbone.stride
+    x, hw = batch_images([d.array for d in batch], model.backbone, torch.device("cpu"))
+    with torch.inference_mode():
+        fmap = model.backbone.features(x)
+    proposer = ActivationProposer(s, nms_iou=0.5)
+    for i, (boxes, scores) in enumerate(proposer.propose(fmap, hw, 6)):
+        h, w = hw[i]
+        cells, want_scores = activation_proposals(fmap[i, :, : math.ceil(h / s), : math.ceil(w / s)], 6, nms_iou=0.5)
+        want = cells * s
+        want[:, 0::2] = want[:, 0::2].clamp(0, w)
+        want[:, 1::2] = want[:, 1::2].clamp(0, h)
+        assert torch.equal(boxes, want) and torch.equal(scores, want_scores)
+
+
+def test_model_is_its_composed_pieces(pyramid: RegionModel, mixed) -> None:
+    """transform -> backbone -> proposer -> recognition per level -> merge -> descriptors -> postprocess, spelled out
+    here from the pieces, gives exactly the model's outputs."""
+    batch, _ = mixed
+    m = pyramid
+    s = m.backbone.stride
+    images, sizes = [d.array for d in batch], [(d.width, d.height) for d in batch]
+    with torch.inference_mode():
+        x, hw = batch_images(images, m.backbone, m.device)
+        fmap = m.backbone.features(x).float()
+        levels = []
+        for sc in (1.0, 0.5):
+            xs, hws = (x, hw) if sc == 1.0 else rescale_batch(x, hw, sc, s)
+            fm = m.backbone.features(xs).float()
+            props = m.proposer.propose(fm, hws, m.config.regions)
+            desc = m.recognition(fm, [b for b, _ in props])
+            levels.append(([b / sc for b, _ in props], [p for _, p in props], [d.float() for d in desc]))
+        want = []
+        for i, (boxes, scores, regions) in enumerate(merge_levels(levels, m.config.regions)):
+            fm = fmap[i, :, : math.ceil(hw[i][0] / s), : math.ceil(hw[i][1] / s)]
+            vectors = {"global": D.spoc(fm), "spoc": D.spoc(fm), "mac": D.mac(fm), "rmac": D.rmac(fm),
+                       "gem": D.gem(fm), "crow": D.crow(fm), "local": D.sum_pool_l1(regions)}
+            want.append(postprocess(vectors, boxes, scores, regions, hw[i], sizes[i]))
+    got = m(images, sizes)
+    for a, b in zip(got, want):
+        assert set(a) == set(b)
+        for key in a:
+            assert np.array_equal(a[key], b[key]), key
+
+
+def test_the_model_does_not_import_the_trainer() -> None:
+    """Inference workers import the region model (and the checkpoint reader), never the training code."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.model.region_model; print([m for m in sys.modules if m.startswith('ray') or "
+            "m.startswith('pipeline.densecap.') and m != 'pipeline.densecap.checkpoint'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -10,8 +10,9 @@ import torch
 from torchvision.ops import box_iou, roi_align
 
 from pipeline.model.backbones import Backbone
-from pipeline.model.proposals import RPN, activation_candidates, activation_proposals, proposal_recall
+from pipeline.model.proposals import activation_candidates, activation_proposals, proposal_recall
 from pipeline.model.recognition import RegionDescriber, pool_roi
+from pipeline.model.rpn import RPN
 
 
 def two_blobs(h: int = 12, w: int = 16, c: int = 4) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""Training the region model (pipeline/train.py, jobs/train_regions.py) on a tiny generated Visual Genome-style set:
+"""Training the region model (pipeline/densecap/, jobs/train_regions.py) on a tiny generated Visual Genome-style set:
 losses fall, the trained RPN recalls the drawn shapes better than the untrained one, the checkpoint loads into
-extraction (RegionModel, run_local with --proposer rpn), and one run goes through Ray Train's TorchTrainer."""
+extraction (RegionModel, an in-process extraction with --proposer rpn), and one run goes through Ray Train's TorchTrainer."""
 
 from __future__ import annotations
 
@@ -16,10 +16,23 @@ from torchvision.ops import box_iou
 
 from pipeline.cli import parse_args
 from pipeline.config import ConfigError, ExtractConfig, ModelConfig, from_dict
-from pipeline.densecap import train as T
+from pipeline.densecap.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, region_checkpoint, save_checkpoint
+from pipeline.densecap.config import METRICS_FILE, TrainConfig, replace
+from pipeline.densecap.data import (
+    ANNOTATIONS,
+    RegionDataset,
+    collate,
+    load_region_data,
+    parse_region_descriptions,
+    to_device,
+)
+from pipeline.densecap.loop import _first_good, build_optimizer, read_state_marker
+from pipeline.densecap.model import DenseCapModel
+from pipeline.densecap.ray_train import fit, fit_local, prepare_data, summary
+from pipeline.densecap.vocab import END, PAD, SPECIAL_TOKENS, UNK, build_vocab, decode, encode, tokenize
 from pipeline.io.images import decode_image
 from pipeline.model.proposals import proposal_recall
-from pipeline.model.region_model import CHECKPOINT_FORMAT, RegionModel, load_checkpoint
+from pipeline.model.region_model import RegionModel
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 8
@@ -75,7 +88,7 @@ def make_dataset(root: Path, n: int = 24, seed: int = 0) -> dict[int, list[tuple
         im.save(root / "images" / f"{image_id}.jpg", quality=92)
         entries.append({"id": image_id, "regions": regions})
         shapes[image_id] = boxes
-    (root / T.ANNOTATIONS).write_text(json.dumps(entries))
+    (root / ANNOTATIONS).write_text(json.dumps(entries))
     return shapes
 
 
@@ -95,8 +108,8 @@ def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "shapes": make_dataset(root)}
 
 
-def tiny_config(data: Path, output: Path, **changes) -> T.TrainConfig:
-    return from_dict(T.TrainConfig, {**TINY, "data": str(data), "output": str(output), **changes})
+def tiny_config(data: Path, output: Path, **changes) -> TrainConfig:
+    return from_dict(TrainConfig, {**TINY, "data": str(data), "output": str(output), **changes})
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +117,7 @@ def trained(shapes_data: dict, tmp_path_factory: pytest.TempPathFactory) -> dict
     """One short in-process training run (no Ray) shared by the checks below."""
     out = tmp_path_factory.mktemp("trained")
     cfg = tiny_config(shapes_data["root"], out, epochs=EPOCHS)
-    result = T.fit_local(cfg, device="cpu")
+    result = fit_local(cfg, device="cpu")
     return {"cfg": cfg, "result": result, "checkpoint": result["checkpoint"], "out": out}
 
 
@@ -112,13 +125,13 @@ def trained(shapes_data: dict, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 def test_tokenize_vocab_and_encoding_round_trip() -> None:
-    assert T.tokenize("A man's Red-hat, on.") == ["a", "mans", "redhat", "on"]
-    vocab = T.build_vocab([["a", "red", "square"], ["a", "blue", "circle"], ["a", "red", "dot"]], min_count=2)
+    assert tokenize("A man's Red-hat, on.") == ["a", "mans", "redhat", "on"]
+    vocab = build_vocab([["a", "red", "square"], ["a", "blue", "circle"], ["a", "red", "dot"]], min_count=2)
     assert vocab == ["<pad>", "<start>", "<end>", "<unk>", "a", "red"]
     index = {w: i for i, w in enumerate(vocab)}
-    ids = T.encode(["a", "red", "circle"], index, 5)
-    assert ids.tolist() == [4, 5, T.UNK, T.PAD, T.PAD]
-    assert T.decode([*ids[:3], T.END, 4], vocab) == "a red <unk>"
+    ids = encode(["a", "red", "circle"], index, 5)
+    assert ids.tolist() == [4, 5, UNK, PAD, PAD]
+    assert decode([*ids[:3], END, 4], vocab) == "a red <unk>"
 
 
 def test_parse_region_descriptions_drops_what_densecap_drops() -> None:
@@ -128,42 +141,42 @@ def test_parse_region_descriptions_drops_what_densecap_drops() -> None:
         {"region_id": 3, "image_id": 7, "x": 5, "y": 6, "width": 3, "height": 3, "phrase": "  ..  "},
         {"region_id": 4, "image_id": 7, "x": 5, "y": 6, "width": 3, "height": 3, "phrase": "one two three four"}]},
         {"id": 8, "regions": []}]
-    ids, per_image, dropped = T.parse_region_descriptions(obj, max_words=3)
+    ids, per_image, dropped = parse_region_descriptions(obj, max_words=3)
     assert ids == [7] and per_image == [[([5.0, 6.0, 15.0, 26.0], ["a", "cat"])]]
     assert dropped == {"empty_box": 1, "empty_phrase": 1, "long_phrase": 1, "images_without_regions": 1,
                        "duplicate_images": 0}
     with pytest.raises(ValueError):
-        T.parse_region_descriptions({"id": 1}, 15)
+        parse_region_descriptions({"id": 1}, 15)
 
 
 def test_train_config_is_strict(tmp_path: Path) -> None:
-    cfg = parse_args(T.TrainConfig, ["--data", "d", "--output", "o", "--workers", "2", "--use-gpu",
+    cfg = parse_args(TrainConfig, ["--data", "d", "--output", "o", "--workers", "2", "--use-gpu",
                                      "--no-freeze-backbone", "--epochs", "3", "--lr", "1e-4"], "t", "t")
     assert (cfg.workers, cfg.use_gpu, cfg.freeze_backbone, cfg.epochs, cfg.lr) == (2, True, False, 3, 1e-4)
     assert cfg.anchors() == {"anchor_sizes": [48.0, 96.0, 192.0, 384.0], "aspect_ratios": [0.5, 1.0, 2.0]}
     for bad in ({"epochs": 0}, {"anchor_sizes": "48,x"}, {"anchor_sizes": "-1"}, {"val_fraction": 1.0},
                 {"pos_iou": 0.2}, {"backbone": "alexnet"}, {"epochs": "2.5"}, {"bogus": 1}, {"lr": "nan"}):
         with pytest.raises(ConfigError):
-            from_dict(T.TrainConfig, {"data": "d", "output": "o", **bad})
+            from_dict(TrainConfig, {"data": "d", "output": "o", **bad})
     with pytest.raises(SystemExit):
-        parse_args(T.TrainConfig, ["--output", "o"], "t", "t")  # --data is required
+        parse_args(TrainConfig, ["--output", "o"], "t", "t")  # --data is required
 
 
 def test_load_region_data_splits_by_seed_and_builds_vocab_from_training_phrases(shapes_data: dict,
                                                                                   tmp_path: Path) -> None:
     cfg = tiny_config(shapes_data["root"], tmp_path)
-    train, val, vocab, stats = T.load_region_data(cfg)
+    train, val, vocab, stats = load_region_data(cfg)
     assert (len(train), len(val)) == (18, 6) and stats["missing_files"] == 0
     assert not set(train.image_ids) & set(val.image_ids)
-    again = T.load_region_data(cfg)
+    again = load_region_data(cfg)
     assert again[0].image_ids.tolist() == train.image_ids.tolist() and again[2] == vocab
-    other = T.load_region_data(T.replace(cfg, seed=1))
+    other = load_region_data(replace(cfg, seed=1))
     assert other[1].image_ids.tolist() != val.image_ids.tolist()
-    assert vocab[:4] == list(T.SPECIAL_TOKENS) and {"a", "red", "square", "blue", "circle"} <= set(vocab)
+    assert vocab[:4] == list(SPECIAL_TOKENS) and {"a", "red", "square", "blue", "circle"} <= set(vocab)
     boxes, tokens = train.regions(0)
-    assert boxes.shape == (len(tokens), 4) and T.decode(tokens[-1], vocab) in set(SHAPES.values())
+    assert boxes.shape == (len(tokens), 4) and decode(tokens[-1], vocab) in set(SHAPES.values())
     # A dataset item is decoded like extraction, its boxes scaled to the resized image.
-    item = T.RegionDataset(train, 128)[0]
+    item = RegionDataset(train, 128)[0]
     assert item["image"].shape == (128, 128, 3)
     np.testing.assert_allclose(item["boxes"], boxes * 128 / SIZE, rtol=1e-5)
 
@@ -175,24 +188,24 @@ def test_missing_and_corrupt_images_are_skipped(shapes_data: dict, tmp_path: Pat
     shutil.copytree(shapes_data["root"], root)
     (root / "images" / "1001.jpg").unlink()  # annotated, no file: left out when the data is loaded
     cfg = tiny_config(root, tmp_path / "out")
-    train, val, _, stats = T.load_region_data(cfg)
+    train, val, _, stats = load_region_data(cfg)
     assert stats["missing_files"] == 1 and len(train) + len(val) == 23 and 1001 not in set(train.image_ids)
     bad = int(train.image_ids[0])
     (root / "images" / f"{bad}.jpg").write_bytes(b"not a jpeg")  # found, but does not decode: skipped per step
-    ds = T.RegionDataset(train, cfg.max_side)
-    assert ds[0] is None and len(T.collate([ds[0], ds[1]])) == 1
-    assert T._first_good(ds, [0, 1])[0]["image_id"] == int(train.image_ids[1])
+    ds = RegionDataset(train, cfg.max_side)
+    assert ds[0] is None and len(collate([ds[0], ds[1]])) == 1
+    assert _first_good(ds, [0, 1])[0]["image_id"] == int(train.image_ids[1])
 
 
 def test_a_few_steps_lower_the_loss(shapes_data: dict, tmp_path: Path) -> None:
     cfg = tiny_config(shapes_data["root"], tmp_path)
-    train, _, vocab, _ = T.load_region_data(cfg)
+    train, _, vocab, _ = load_region_data(cfg)
     torch.manual_seed(0)
-    model = T.DenseCapModel(cfg, len(vocab)).train()
+    model = DenseCapModel(cfg, len(vocab)).train()
     assert not any(p.requires_grad for p in model.features.parameters())  # frozen backbone by default
-    batch = T.collate([T.RegionDataset(train, cfg.max_side)[i] for i in range(6)])
-    inputs = T.to_device(batch, model.bb, torch.device("cpu"))
-    opt = T.build_optimizer(model, cfg)
+    batch = collate([RegionDataset(train, cfg.max_side)[i] for i in range(6)])
+    inputs = to_device(batch, model.bb, torch.device("cpu"))
+    opt = build_optimizer(model, cfg)
     history = []
     for _ in range(STEPS):
         torch.manual_seed(1)  # the same anchor sample each step: the loss of one fixed problem
@@ -228,14 +241,14 @@ def test_vgg_style_head_and_a_fine_tuned_backbone_travel_in_the_checkpoint(shape
 
     monkeypatch.setitem(backbones.REGISTRY, "vgg16", _tiny_vgg)
     cfg = tiny_config(shapes_data["root"], tmp_path, backbone="vgg16", freeze_backbone=False)
-    train, _, vocab, _ = T.load_region_data(cfg)
-    model = T.DenseCapModel(cfg, len(vocab)).train()
+    train, _, vocab, _ = load_region_data(cfg)
+    model = DenseCapModel(cfg, len(vocab)).train()
     assert model.recognition.projection is None and model.caption.args["in_dim"] == 4096
     assert model.recognition.head.training and not model.features.training  # dropout on, batch norm statistics fixed
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = T.build_optimizer(model, cfg)
-    batch = T.collate([T.RegionDataset(train, cfg.max_side)[i] for i in range(2)])
-    out = model(*T.to_device(batch, model.bb, torch.device("cpu")))
+    opt = build_optimizer(model, cfg)
+    batch = collate([RegionDataset(train, cfg.max_side)[i] for i in range(2)])
+    out = model(*to_device(batch, model.bb, torch.device("cpu")))
     opt.zero_grad()
     out["loss"].backward()
     opt.step()
@@ -245,7 +258,7 @@ def test_vgg_style_head_and_a_fine_tuned_backbone_travel_in_the_checkpoint(shape
     assert torch.equal(before["features.1.running_mean"], after["features.1.running_mean"])
 
     url = str(tmp_path / "vgg.pt")
-    T.save_torch(T.region_checkpoint(model, vocab), url)
+    save_checkpoint(url, region_checkpoint(model, vocab))
     ckpt = load_checkpoint(url)
     assert {"head_state", "backbone_state"} <= set(ckpt) and "projection" not in ckpt and ckpt["projection_dim"] == 0
     rm = RegionModel(ModelConfig(backbone="vgg16", proposer="rpn", checkpoint=url, max_side=128, regions=4),
@@ -292,15 +305,15 @@ def test_training_writes_a_loadable_checkpoint_and_improves_held_out_recall(trai
     assert ckpt["rpn_args"]["anchor_sizes"] == [32.0, 64.0, 96.0] and "backbone_state" not in ckpt
     assert isinstance(ckpt["vocab"], list) and all(isinstance(w, str) for w in ckpt["vocab"])
     assert ckpt["caption_args"]["vocab_size"] == len(ckpt["vocab"])
-    assert json.loads((trained["out"] / T.METRICS_FILE).read_text())["history"][-1]["epoch"] == EPOCHS
+    assert json.loads((trained["out"] / METRICS_FILE).read_text())["history"][-1]["epoch"] == EPOCHS
 
     # Held-out recall@IoU 0.5 of the top-10 proposals through extraction's RegionModel: trained > untrained (an RPN
     # with the same seed's random initialisation).
-    _, val, vocab, _ = T.load_region_data(trained["cfg"])
+    _, val, vocab, _ = load_region_data(trained["cfg"])
     torch.manual_seed(trained["cfg"].seed)
-    fresh = T.DenseCapModel(trained["cfg"], len(vocab))
+    fresh = DenseCapModel(trained["cfg"], len(vocab))
     untrained_url = str(tmp_path / "untrained.pt")
-    T.save_torch(T.region_checkpoint(fresh, vocab), untrained_url)
+    save_checkpoint(untrained_url, region_checkpoint(fresh, vocab))
     ids = val.image_ids.tolist()
     r_trained = _recall_through_region_model(trained["checkpoint"], shapes_data, ids)
     r_untrained = _recall_through_region_model(untrained_url, shapes_data, ids)
@@ -314,7 +327,7 @@ def test_trained_rpn_boxes_sit_on_the_shapes(trained: dict, shapes_data: dict) -
     model = RegionModel(ModelConfig(proposer="rpn", checkpoint=trained["checkpoint"], max_side=128, regions=10),
                         device="cpu")
     assert model.region_dim == 64 and model.dims["local"] == 64
-    _, val, _, _ = T.load_region_data(trained["cfg"])
+    _, val, _, _ = load_region_data(trained["cfg"])
     best = []  # per held-out shape: the best IoU of a top-10 proposal
     for image_id in val.image_ids.tolist():
         dec = decode_image((shapes_data["root"] / "images" / f"{image_id}.jpg").read_bytes(), max_side=128)
@@ -327,14 +340,15 @@ def test_trained_rpn_boxes_sit_on_the_shapes(trained: dict, shapes_data: dict) -
     assert np.mean(np.asarray(best) >= 0.3) >= 0.75 and np.mean(best) >= 0.45
 
 
-def test_checkpoint_runs_in_run_local_with_the_rpn_proposer(trained: dict, shapes_data: dict, tmp_path: Path) -> None:
-    from pipeline.extract.worker import run_local
+def test_checkpoint_runs_in_an_in_process_extraction_with_the_rpn_proposer(trained: dict, shapes_data: dict, tmp_path: Path) -> None:
+    from pipeline.extract import driver
+    from pipeline.extract.runners import LocalRunner
     from pipeline.store import feature_store as fstore
 
     out = tmp_path / "features"
-    manifest = run_local(ExtractConfig(input=str(shapes_data["root"] / "images"), output=str(out), proposer="rpn",
+    manifest = driver.run(ExtractConfig(input=str(shapes_data["root"] / "images"), output=str(out), proposer="rpn",
                                        checkpoint=trained["checkpoint"], max_side=128, regions=4, shard_size=16,
-                                       batch_size=8, threads=1))
+                                       batch_size=8, threads=1), LocalRunner())
     assert manifest["run"]["ok"] == 24 and manifest["run"]["errors"] == 0
     regions = fstore.read_live_table(str(out), "regions")
     assert regions.num_rows == manifest["run"]["regions"] and 24 <= regions.num_rows <= 96
@@ -349,12 +363,12 @@ def test_checkpoint_with_other_pooling_is_refused(trained: dict) -> None:
 
 def test_rerun_resumes_and_a_changed_config_is_refused(trained: dict) -> None:
     cfg = trained["cfg"]
-    marker = T.read_state_marker(cfg.output)
+    marker = read_state_marker(cfg.output)
     assert marker["epoch"] == EPOCHS
     with pytest.raises(ConfigError, match="another config"):
-        T.prepare_data(T.replace(cfg, projection_dim=32))
+        prepare_data(replace(cfg, projection_dim=32))
     # Same config, one more epoch: resumes after the last one (no epoch-0 evaluation, no epoch 1 again).
-    result = T.fit_local(T.replace(cfg, epochs=EPOCHS + 1), device="cpu")
+    result = fit_local(replace(cfg, epochs=EPOCHS + 1), device="cpu")
     assert [h["epoch"] for h in result["history"]] == list(range(EPOCHS + 2))
     assert result["data"]["resume_after_epoch"] == EPOCHS
 
@@ -381,7 +395,7 @@ def test_job_reports_bad_data_before_starting_ray(tmp_path: Path, capsys: pytest
     assert main(["--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "vg").mkdir()
-    (tmp_path / "vg" / T.ANNOTATIONS).write_text('{"not": "a list"}')
+    (tmp_path / "vg" / ANNOTATIONS).write_text('{"not": "a list"}')
     assert main(["--data", str(tmp_path / "vg"), "--output", str(tmp_path / "out")]) == 2
     assert "region_descriptions.json format" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -393,10 +407,10 @@ def test_training_runs_on_ray_train(shapes_data: dict, tmp_path: Path, ray_local
     """One TorchTrainer worker on CPU in the session's local Ray (2 CPUs): same outputs as the in-process run."""
     cfg = tiny_config(shapes_data["root"], tmp_path / "ray_run", epochs=1, workers=1, use_gpu=False,
                       cpus_per_worker=1)
-    result = T.fit(cfg)
+    result = fit(cfg)
     assert [h["epoch"] for h in result["history"]] == [0, 1]
     assert result["history"][1]["train_images"] == 18 and result["history"][1]["val_images"] == 6
-    s = T.summary(result)
+    s = summary(result)
     assert s["final"]["epoch"] == 1 and s["untrained"]["val_recall"] == result["history"][0]["val_recall"]
     assert load_checkpoint(result["checkpoint"])["format"] == CHECKPOINT_FORMAT
     model = RegionModel(ModelConfig(proposer="rpn", checkpoint=result["checkpoint"], max_side=128, regions=5),

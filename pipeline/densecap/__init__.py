@@ -1,1 +1,1 @@
-"""DenseCap-style training of the region model on Visual Genome: data, model and losses, loop, Ray Train, checkpoint."""
+"""DenseCap-style training on Visual Genome: config, vocab, data, model, loop, Ray Train, checkpoint."""

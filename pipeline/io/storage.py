@@ -183,3 +183,20 @@ def read_parquet(url: str, storage_options: dict[str, Any] | None = None, column
     fs, path = url_to_fs(url, storage_options)
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=list(columns) if columns else None)
+
+
+def write_torch(url: str, obj: Any, storage_options: dict[str, Any] | None = None) -> None:
+    """Write one object with ``torch.save`` (tensors and plain containers, so that ``read_torch`` can load it)."""
+    import torch  # here, not at the top: most readers of this module never touch a torch file
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(url, buf.getvalue(), storage_options)
+
+
+def read_torch(url: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """Read one ``torch.save`` object onto the CPU with ``weights_only=True`` (a file can never run code)."""
+    import torch
+
+    with io.BytesIO(read_bytes(url, storage_options)) as f:
+        return torch.load(f, map_location="cpu", weights_only=True)

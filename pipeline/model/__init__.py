@@ -1,1 +1,1 @@
-"""The region model: backbones, region proposers, recognition network, pooling formulas, batching, composition."""
+"""The region model: backbones, input transform, proposers (activation, RPN), recognition, pooling, composition."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import nn
 
 from pipeline.model import weights as offline
@@ -123,11 +122,3 @@ def build_backbone(name: str, random_weights: bool = False) -> Backbone:
     if bb.head is not None:
         bb.head.eval()
     return bb
-
-
-def normalise(batch_uint8: torch.Tensor, bb: Backbone) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float normalised with the backbone's mean and std."""
-    x = batch_uint8.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(bb.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(bb.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std

@@ -1,18 +1,16 @@
-"""Region proposers: a training-free activation proposer and a DenseCap-style RPN localization layer."""
+"""Region proposers: the ``Proposer`` interface, the training-free activation proposer, and proposal recall."""
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 from scipy import ndimage
-from torch import nn
-from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
+from torchvision.ops import box_iou, nms
 
 from pipeline.model.descriptors import rmac_regions
+from pipeline.model.transform import clamp_boxes, valid_cells
 
 
 def _box_sums(integral: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -86,96 +84,36 @@ def activation_proposals(fmap: torch.Tensor, k: int, thresholds: Sequence[float]
     return cand[keep], scores[keep]
 
 
-class RPN(nn.Module):
-    """DenseCap-style localization layer: anchors over the feature map, a 3x3 conv, objectness and box regression,
-    box decoding, NMS and top-K (Johnson et al. 2016, Faster R-CNN's RPN). RoI sampling is done by the caller with
-    bilinear RoIAlign on the same feature map.
+class Proposer(Protocol):
+    """What the region model asks of a region proposer (the activation proposer, the trained RPN)."""
+
+    def propose(self, fmap: torch.Tensor, hw: Sequence[tuple[int, int]], k: int
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image of a padded batch's feature map (B, C, h, w), given each image's (height, width) in pixels:
+        at most k (boxes (k', 4) [x1, y1, x2, y2] in those pixels, scores (k',) descending)."""
+        ...
+
+
+class ActivationProposer:
+    """The training-free proposer behind the ``Proposer`` interface: ``activation_proposals`` on each image's own
+    feature cells, boxes scaled from cells to pixels and clamped to the image.
 
     Args:
-        in_channels: C of the feature map.
-        stride: pixels per cell.
-        anchor_sizes: anchor side lengths in pixels (scaled by the aspect ratios).
-        aspect_ratios: height / width of anchors.
-        mid_channels: channels of the shared 3x3 conv.
+        stride: pixels per feature-map cell.
+        nms_iou: NMS IoU threshold between candidates.
     """
 
-    def __init__(self, in_channels: int, stride: int, anchor_sizes: Sequence[float] = (48, 96, 192, 384),
-                 aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0), mid_channels: int = 256) -> None:
-        super().__init__()
+    def __init__(self, stride: int, nms_iou: float = 0.5) -> None:
         self.stride = stride
-        self.anchor_sizes = tuple(float(s) for s in anchor_sizes)
-        self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
-        a = self.num_anchors
-        self.conv = nn.Conv2d(in_channels, mid_channels, 3, padding=1)
-        self.objectness = nn.Conv2d(mid_channels, a, 1)
-        self.deltas = nn.Conv2d(mid_channels, 4 * a, 1)
-        self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
-        for layer in (self.conv, self.objectness, self.deltas):
-            nn.init.normal_(layer.weight, std=0.01)
-            nn.init.zeros_(layer.bias)
+        self.nms_iou = nms_iou
 
-    @property
-    def num_anchors(self) -> int:
-        """Anchors per feature-map cell."""
-        return len(self.anchor_sizes) * len(self.aspect_ratios)
-
-    def cell_anchors(self) -> torch.Tensor:
-        """(A, 4) anchors centred on the origin, [x1, y1, x2, y2] in pixels."""
+    def propose(self, fmap: torch.Tensor, hw: Sequence[tuple[int, int]], k: int
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Top-k regions of each image (see ``Proposer.propose``)."""
         out = []
-        for size in self.anchor_sizes:
-            for r in self.aspect_ratios:
-                hw = size / math.sqrt(r)
-                hh = size * math.sqrt(r)
-                out.append((-hw / 2, -hh / 2, hw / 2, hh / 2))
-        return torch.tensor(out, dtype=torch.float32)
-
-    def anchors(self, h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
-        """(h * w * A, 4) anchors of an h x w map in image pixels, ordered (y, x, anchor) like ``forward``'s outputs."""
-        ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) * self.stride
-        xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) * self.stride
-        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-        shifts = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)
-        return (shifts + self.cell_anchors().to(device).view(1, -1, 4)).reshape(-1, 4)
-
-    def forward(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Objectness logits (B, h*w*A) and box deltas (B, h*w*A, 4) for a feature map batch (B, C, h, w)."""
-        t = torch.relu(self.conv(fmap))
-        b, _, h, w = t.shape
-        logits = self.objectness(t).permute(0, 2, 3, 1).reshape(b, -1)
-        deltas = self.deltas(t).view(b, self.num_anchors, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4)
-        return logits, deltas
-
-    def propose(self, fmap: torch.Tensor, image_sizes: Sequence[tuple[int, int]], k: int, pre_nms: int = 2000,
-                nms_iou: float = 0.7, min_size: float = 8.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Top-K proposals per image.
-
-        Args:
-            fmap: (B, C, h, w) padded batch feature map.
-            image_sizes: (height, width) of each image's valid (unpadded) pixels.
-            k: proposals kept after NMS.
-            pre_nms: best anchors considered before NMS.
-            nms_iou: NMS IoU threshold.
-            min_size: boxes smaller than this (pixels) are dropped.
-
-        Returns:
-            Per image (boxes (k', 4) in resized-image pixels, scores (k',) sigmoid objectness, descending).
-        """
-        logits, deltas = self.forward(fmap)
-        h, w = fmap.shape[-2:]
-        anchors = self.anchors(h, w, fmap.device)
-        out = []
-        for i, (ih, iw) in enumerate(image_sizes):
-            # Anchors centred in the padding belong to no image content.
-            valid = (anchors[:, 0] + anchors[:, 2]) / 2 < iw
-            valid &= (anchors[:, 1] + anchors[:, 3]) / 2 < ih
-            sc = logits[i][valid]
-            boxes = self.box_coder.decode_single(deltas[i][valid], anchors[valid])
-            top = sc.topk(min(pre_nms, sc.numel())).indices
-            boxes, sc = clip_boxes_to_image(boxes[top], (ih, iw)), sc[top].sigmoid()
-            keep = remove_small_boxes(boxes, min_size)
-            boxes, sc = boxes[keep], sc[keep]
-            keep = nms(boxes, sc, nms_iou)[:k]
-            out.append((boxes[keep], sc[keep]))
+        for i, (h, w) in enumerate(hw):
+            cells, scores = activation_proposals(valid_cells(fmap[i], h, w, self.stride), k, nms_iou=self.nms_iou)
+            out.append((clamp_boxes(cells * self.stride, h, w), scores))
         return out
 
 
