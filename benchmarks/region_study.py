@@ -38,7 +38,7 @@ from torchvision.ops import roi_align  # noqa: E402
 
 from pipeline.bench import datasets as ds  # noqa: E402
 from pipeline.bench import metrics as ev  # noqa: E402
-from pipeline.bench.runner import rank_all  # noqa: E402
+from pipeline.bench.metrics import rank_by_similarity  # noqa: E402
 from pipeline.io.images import decode_image  # noqa: E402
 from pipeline.model import descriptors as D  # noqa: E402
 from pipeline.model.backbones import build_backbone  # noqa: E402
@@ -74,7 +74,7 @@ def _scorers(labels: np.ndarray, qrows: np.ndarray):
 
     def p10(x: np.ndarray) -> float:
         x = l2n(x)
-        ranks = rank_all(x[qrows], x, 11)[0]
+        ranks = rank_by_similarity(x[qrows], x, 11)
         return float(np.mean(ev.precision_at_k(ranks, labels, labels[qrows], k=10, query_db_index=qrows)))
 
     def ours(g: np.ndarray, loc: np.ndarray, w: float = 1.0) -> float:
