@@ -1,1 +1,1 @@
-"""The single I/O path: fsspec primitives (bytes, JSON, Parquet), listing inputs and manifests, image decoding."""
+"""The single I/O path: fsspec primitives (bytes, JSON, Parquet, npy, torch files), listing inputs, image decoding."""

@@ -1,1 +1,1 @@
-"""What jobs leave on storage: the feature store (shards, done-markers, live set) and the published index versions."""
+"""What jobs leave on storage: the feature store (shards, done-markers, live set), index folders and their versions."""
