@@ -92,3 +92,10 @@ def test_manifest_with_a_header_only_says_no_rows(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text("uri,label\n")
     with pytest.raises(StorageError, match="has no rows"):
         listing.list_images(str(tmp_path / "m.csv"))
+
+
+def test_s3_clients_get_bounded_waits_and_patient_retries_unless_told_otherwise() -> None:
+    fs, _ = storage.url_to_fs("s3://bucket/x", {"anon": True})
+    assert fs.config_kwargs == storage.S3_CLIENT_DEFAULTS
+    fs, _ = storage.url_to_fs("s3://bucket/x", {"anon": True, "config_kwargs": {"read_timeout": 5}})
+    assert fs.config_kwargs["read_timeout"] == 5 and fs.config_kwargs["connect_timeout"] == 10

@@ -16,6 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+# botocore settings for every S3 client unless the storage options say otherwise: bounded waits (botocore's own
+# defaults are 60 s each), and more attempts with exponential backoff than botocore's legacy 5 quick ones, so that
+# throttling (503 SlowDown) and reset connections on a busy store are retried, not turned into failed shards.
+S3_CLIENT_DEFAULTS: dict[str, Any] = {"connect_timeout": 10, "read_timeout": 60,
+                                      "retries": {"max_attempts": 10, "mode": "standard"}}
+
+
 class StorageError(RuntimeError):
     """A location cannot be read or written."""
 
@@ -40,6 +47,8 @@ def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
         # their objects, both from later listings and from reads (s3fs answers FileNotFoundError for any key that a
         # cached listing of its folder lacks). Listings are therefore never cached unless the caller asks for it.
         opts.setdefault("use_listings_cache", False)
+    if protocol in ("s3", "s3a"):
+        opts["config_kwargs"] = {**S3_CLIENT_DEFAULTS, **(opts.get("config_kwargs") or {})}
     cls = fsspec.get_filesystem_class(protocol)
     fs = cls(**{**cls._get_kwargs_from_urls(url), **opts})  # fsspec caches instances by their arguments
     path = cls._strip_protocol(url)
