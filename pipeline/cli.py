@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import pickle
 import sys
 import typing
 from typing import Any, Callable, Sequence, TypeVar
@@ -17,7 +18,7 @@ T = TypeVar("T")
 
 # What a user can cause and fix (a bad value, an unreachable or unwritable location): one line on stderr and exit 2,
 # like argparse's own usage errors, never a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, StorageError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, StorageError, pickle.UnpicklingError)  # a refused pickle
 EXIT_USER_ERROR = 2
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.coercion import coerce_value
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO_ROOT / "data" / "caltech8"
 
@@ -153,6 +155,10 @@ class ExtractConfig(ModelConfig, HasStorage):
     prefetch: int = _opt(2, "decoded shards in flight per actor (pipelining decode with inference)")
     float16: bool = _opt(False, "store vectors as float16 (half the bytes)")
     max_pixels: int = _opt(89_478_485, "refuse images with more pixels (decompression bombs)")
+    max_image_bytes: int = _opt(256 * 2**20, "refuse image files of more bytes, unread (status too_large): a huge or "
+                                             "endless file cannot exhaust a worker's memory")
+    allow_empty: bool = _opt(False, "run even when the input lists no images (an existing output's images are "
+                                    "then all recorded as deleted); without it an empty input is an error")
     storage_options: str = storage_field()
     in_process: bool = _opt(False, "run in this process without Ray (single machine, debugging)")
 
@@ -167,8 +173,9 @@ class ExtractConfig(ModelConfig, HasStorage):
             raise ConfigError("num_actors, threads and actor_cpus must be >= 0")
         if self.num_gpus < 0 and self.num_gpus != -1:
             raise ConfigError(f"num_gpus must be -1 (auto) or >= 0, got {self.num_gpus}")
-        if self.max_pixels < 1:
-            raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        for name in ("max_pixels", "max_image_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.fs_options  # noqa: B018 - parses (and caches) the options: a ConfigError now, not mid-run
 
     def model_config(self) -> ModelConfig:
@@ -225,6 +232,8 @@ class ReindexConfig(ModelConfig, HasStorage):
     prefetch: int = _like(ExtractConfig, "prefetch")
     float16: bool = _like(ExtractConfig, "float16")
     max_pixels: int = _like(ExtractConfig, "max_pixels")
+    max_image_bytes: int = _like(ExtractConfig, "max_image_bytes")
+    allow_empty: bool = _like(ExtractConfig, "allow_empty")
     storage_options: str = storage_field()
     in_process: bool = _like(ExtractConfig, "in_process")
     # The index build's options (IndexConfig's, but --features, --output and --storage-options).
@@ -371,48 +380,14 @@ def config_hash(cfg: Any) -> str:
 
 
 def _coerce(name: str, typ: Any, value: Any) -> Any:
-    """Convert and type-check one value for a dataclass field; strict: no silent truncation.
-
-    The value of a secret field never appears in an error message.
-    """
+    """Convert and type-check one value for a dataclass field (``pipeline.coercion``); the value of a secret field
+    never appears in an error message."""
     try:
-        return _coerce_value(name, typ, value)
-    except ConfigError:
+        return coerce_value(typ, value)
+    except ValueError as e:
         if name in SECRET_FIELDS:
             raise ConfigError(f"{name}: expected a JSON string (value not shown: it may hold credentials)") from None
-        raise
-
-
-def _coerce_value(name: str, typ: Any, value: Any) -> Any:
-    """_coerce without the redaction."""
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{name}: expected a boolean, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-        if not math.isfinite(out):
-            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
-        return out
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{name}: unsupported field type {typ}")
+        raise ConfigError(f"{name}: {e}") from None
 
 
 def from_dict(cls: type[T], values: dict[str, Any]) -> T:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,8 @@ class _Cfg:
         """Nothing to check."""
 
 
-@pytest.mark.parametrize("error", [ConfigError("bad value"), StorageError("cannot reach s3://b/x")])
+@pytest.mark.parametrize("error", [ConfigError("bad value"), StorageError("cannot reach s3://b/x"),
+                                   pickle.UnpicklingError("refused global posix.system")])
 def test_user_errors_are_one_line_and_exit_2(error: Exception, capsys) -> None:
     def body(cfg: _Cfg) -> int:
         raise error
@@ -63,3 +66,15 @@ def test_index_job_on_missing_features_is_a_user_error(tmp_path: Path, capsys) -
     code = load_job("index").main(["--features", str(tmp_path / "none"), "--output", str(tmp_path / "idx")])
     assert code == EXIT_USER_ERROR
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("jobs/index.py: error: ")
+
+
+def test_a_refused_ground_truth_pickle_is_a_user_error(tmp_path: Path, capsys) -> None:
+    """A gnd file that would run code is the user's to replace: one line and exit 2, not a traceback."""
+    dataset = tmp_path / "roxford5k"
+    dataset.mkdir()
+    (dataset / "gnd_roxford5k.pkl").write_bytes(pickle.dumps({"imlist": [], "qimlist": [], "gnd": [], "x": os.system}))
+    code = load_job("benchmark").main(["--dataset", str(dataset), "--protocol", "revisited",
+                                       "--report", str(tmp_path / "report")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USER_ERROR and not any("Traceback" in line for line in err)
+    assert err[-1].startswith("jobs/benchmark.py: error: ") and "system" in err[-1]

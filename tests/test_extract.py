@@ -621,3 +621,93 @@ def test_cli_end_to_end_on_s3(ray_local: str, corpus: Path, s3_server: dict, s3_
     assert '"storage_options": "<redacted>"' in r.stderr  # the config is logged, redacted
     _assert_matches(out, _reference(model, _files(corpus, SAME_SIZE)), so)
     _assert_secret_nowhere(so, s3_bucket, r.stdout, r.stderr, _ray_session_logs())
+
+
+# ---- files that are never retried: too large, not a file, a manifest row without a uri ------------------------------
+
+
+def test_decode_shard_refuses_oversized_files_and_non_files_as_permanent_rows(tmp_path: Path):
+    good = tmp_path / "a.jpg"
+    shutil.copy(SAMPLE / SAME_SIZE[0], good)
+    size = good.stat().st_size
+    os.mkfifo(tmp_path / "fifo.jpg")
+    os.symlink("/dev/zero", tmp_path / "zero.jpg")  # endless: must never be read to the end
+    recs = tuple(listing.ImageRecord(n, "file://" + str(tmp_path / n), "1") for n in ("a.jpg", "fifo.jpg", "zero.jpg"))
+    shard = Shard("g00001-000000", 1, recs)
+    d = worker.decode_shard(shard, 64, 10**8, None, max_image_bytes=size - 1)
+    assert [x.status for x in d.decoded] == [imgs.TOO_LARGE, imgs.NOT_IMAGE, imgs.NOT_IMAGE]
+    assert f"max_image_bytes={size - 1}" in d.decoded[0].error
+    assert all("not a regular file" in x.error for x in d.decoded[1:])
+    assert worker.decode_shard(shard, 64, 10**8, None, max_image_bytes=size).decoded[0].ok  # the limit is inclusive
+
+
+def test_permanent_failures_are_not_retried_by_the_next_run(tmp_path: Path, monkeypatch):
+    """An oversized file, a FIFO and a manifest row without a uri become rows once; a rerun skips them (only a
+    read_error is transient), and the oversized file is refused without being read whole."""
+    root = _copy(SAME_SIZE[:2], tmp_path / "in")
+    big = root / "big.jpg"
+    big.write_bytes((SAMPLE / SAME_SIZE[2]).read_bytes() + b"\0" * 20_000)
+    os.mkfifo(root / "fifo.jpg")
+    (root / "list.csv").write_text("path,label\n" + "".join(f"{i},x\n" for i in [*SAME_SIZE[:2], "big.jpg",
+                                                                                "fifo.jpg"]) + ",y\n")
+    limit = big.stat().st_size - 1
+    read_sizes: list[int | None] = []
+    real_read = storage.read_bytes
+
+    def spy(uri, so=None, max_bytes=None):
+        if uri.endswith(".jpg"):
+            read_sizes.append(max_bytes)
+        return real_read(uri, so, max_bytes=max_bytes)
+
+    monkeypatch.setattr(storage, "read_bytes", spy)
+    out = tmp_path / "out"
+    first = driver.run(_cfg(root / "list.csv", out, max_image_bytes=limit), LocalRunner())
+    assert read_sizes and set(read_sizes) == {limit}  # every image read is bounded by the config's limit
+    assert first["run"]["statuses"] == {"ok": 2, imgs.TOO_LARGE: 1, imgs.NOT_IMAGE: 1, imgs.BAD_RECORD: 1}
+    images = _assert_exactly_once(str(out), [*SAME_SIZE[:2], "big.jpg", "fifo.jpg", "list.csv#row-5"])
+    rows = {r["image_id"]: r for r in images.select(["image_id", "status", "error"]).to_pylist()}
+    assert f"max_image_bytes={limit}" in rows["big.jpg"]["error"]
+    assert rows["list.csv#row-5"]["error"] == f"manifest {root / 'list.csv'} row 5 has no path"
+    assert all(m["retry"] == [] for m in fstore.read_done_markers(str(out)))
+    again = driver.run(_cfg(root / "list.csv", out, max_image_bytes=limit), LocalRunner())["run"]
+    assert (again["images"], again["skipped_already_done"]) == (0, 5)
+
+
+def test_max_image_bytes_is_an_option_of_the_extraction_and_the_reindex():
+    assert ExtractConfig(output="o").max_image_bytes == 256 * 2**20
+    assert from_dict(ExtractConfig, {"output": "o", "max-image-bytes": "1000"}).max_image_bytes == 1000
+    with pytest.raises(ConfigError, match="max_image_bytes must be >= 1"):
+        from_dict(ExtractConfig, {"output": "o", "max_image_bytes": 0})
+    from pipeline.config import ReindexConfig
+
+    r = from_dict(ReindexConfig, {"root": "r", "input": "i", "max_image_bytes": 77, "allow_empty": True})
+    assert (r.extract_config().max_image_bytes, r.extract_config().allow_empty) == (77, True)
+
+
+# ---- an empty input is refused -----------------------------------------------------------------------------------
+
+
+def test_an_empty_input_is_refused_unless_allowed_and_never_deletes_silently(corpus: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    with pytest.raises(driver.EmptyInput, match=r"lists no images .*--allow-empty"):
+        driver.run(_cfg(empty, out), LocalRunner())
+    assert not (out / fstore.CONFIG).exists() and not (out / fstore.LEASE).exists()  # nothing written
+
+    driver.run(_cfg(corpus, out), LocalRunner())
+    with pytest.raises(storage.StorageError, match="every image already under"):
+        driver.run(_cfg(empty, out), LocalRunner())
+    assert len(fstore.live_images(fstore.read_done_markers(str(out)))) == len(SAME_SIZE)  # nothing deleted
+
+    from _jobs import load_job
+
+    capsys.readouterr()
+    code = load_job("extract").main(["--input", str(empty), "--output", str(out), "--in-process"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"jobs/extract.py: error: input {empty} lists no images")
+    assert not any("Traceback" in line for line in err)
+
+    run = driver.run(_cfg(empty, out, allow_empty=True), LocalRunner())  # explicit: every image is deleted
+    assert (run["run"]["deleted"], run["live_images"]) == (len(SAME_SIZE), 0)

@@ -97,7 +97,8 @@ def assert_ok(d: Decoded, shape: tuple[int, int]) -> np.ndarray:
 
 
 def test_statuses_are_the_documented_kinds():
-    assert STATUSES == ("ok", "empty", "truncated", "not_image", "too_large", "too_small", "read_error", "decode_error")
+    assert STATUSES == ("ok", "empty", "truncated", "not_image", "too_large", "too_small", "read_error", "decode_error",
+                        "bad_record")
     assert len(set(STATUSES)) == len(STATUSES)
 
 

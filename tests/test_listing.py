@@ -99,3 +99,22 @@ def test_s3_clients_get_bounded_waits_and_patient_retries_unless_told_otherwise(
     assert fs.config_kwargs == storage.S3_CLIENT_DEFAULTS
     fs, _ = storage.url_to_fs("s3://bucket/x", {"anon": True, "config_kwargs": {"read_timeout": 5}})
     assert fs.config_kwargs["read_timeout"] == 5 and fs.config_kwargs["connect_timeout"] == 10
+
+
+def test_a_manifest_row_without_a_uri_is_a_broken_record_not_the_id_none(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.jpg").write_bytes(b"a")
+    (tmp_path / "m.csv").write_text("uri,label\na.jpg,cat\n,dog\n")
+    a, bad = listing.list_images(str(tmp_path / "m.csv"))
+    assert (a.image_id, a.error) == ("a.jpg", "")
+    assert (bad.image_id, bad.uri, bad.label) == ("m.csv#row-2", "", "dog")
+    assert bad.error == f"manifest {tmp_path / 'm.csv'} row 2 has no uri"
+
+    table = pa.table({"uri": ["a.jpg", None, "a.jpg"], "image_id": ["x", "y", None]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    recs = {r.image_id: r for r in listing.list_images(str(tmp_path / "m.parquet"))}
+    assert set(recs) == {"x", "y", "a.jpg"}  # a null id falls back to the uri's, never "None"
+    assert recs["y"].error == f"manifest {tmp_path / 'm.parquet'} row 2 has no uri" and not recs["x"].error
+    assert recs["a.jpg"].fingerprint == "a.jpg" and recs["a.jpg"].uri.endswith("/a.jpg")

@@ -290,3 +290,20 @@ def test_a_build_that_crashed_before_its_publish_is_published_by_the_next_run(
     # A deliberate rollback is different: it holds.
     assert _run(reindex, ["--root", url, "--rollback"], capsys)["current"]["version"] == v1
     assert _run(reindex, common, capsys)["current"]["version"] == v1
+
+
+def test_an_empty_input_against_a_live_root_is_refused_and_deletes_nothing(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    reindex = _job("reindex")
+    images, empty, url = tmp_path / "images", tmp_path / "empty", str(tmp_path / "root")
+    _images(images, per_class=1, classes=2)
+    empty.mkdir()
+    opts = ["--root", url, "--in-process", "--pca-dim", "2", *TINY]
+    v1 = _run(reindex, ["--input", str(images), *opts], capsys)["built"]["version"]
+
+    capsys.readouterr()
+    assert reindex.main(["--input", str(empty), *opts]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "lists no images" in err[-1] and "--allow-empty" in err[-1] and not any("Traceback" in e for e in err)
+    assert pub.current(url)["version"] == v1 and [n for n, _ in pub.list_versions(url)] == [v1]
+    assert len(fstore.live_images(fstore.read_done_markers(pub.features_url(url)))) == 2

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class EmptyInput(storage.StorageError):
+    """The input lists no images (refused unless ``--allow-empty``)."""
+
+
 def run(cfg: ExtractConfig, runner: Runner, progress_every_s: float = 10.0) -> dict[str, Any]:
     """Run an extraction: the same steps whichever runner processes the shards.
 
@@ -35,41 +39,79 @@ def run(cfg: ExtractConfig, runner: Runner, progress_every_s: float = 10.0) -> d
         The run manifest.
 
     Raises:
-        storage.StorageError: unreachable input or unwritable output.
+        storage.StorageError: unreachable input or unwritable output; ``EmptyInput``: the input lists no images
+            (unless ``cfg.allow_empty``); ``fstore.LeaseHeld``: another extraction is writing the output.
         ConfigError: the output holds features of another model config.
     """
     so = cfg.fs_options
     preflight(cfg, so)
     t0 = time.perf_counter()
     records = listing.list_images(cfg.input, so)  # fails fast on an unreachable input, before the output is touched
-    markers = prepare_output(cfg, so)
-    plan = plan_shards(records, markers, cfg.shard_size)
-    log.info("input %s: %d images listed, %d already done, %d to process in %d shards, %d to delete",
-             cfg.input, len(records), plan.skipped, plan.images, len(plan.shards), len(plan.deleted))
-    # Nothing to process: no runner work at all (no model is built, no actor started).
-    done = runner.run(cfg, plan.shards, Progress(plan, t0, progress_every_s)) if plan.shards else []
-    return finish(cfg, plan, done, time.perf_counter() - t0, so)
+    if not records and not cfg.allow_empty:
+        raise EmptyInput(f"input {cfg.input} lists no images (files ending in {', '.join(listing.IMAGE_EXTS)}); "
+                         f"nothing was written. An empty run would record every image already under {cfg.output} "
+                         f"as deleted: pass --allow-empty if that is what you want")
+    lease = fstore.acquire_lease(cfg.output, so)  # before anything is written: one extraction per output
+    progress: Progress | None = None  # renews the lease while the runner works
+    try:
+        markers = prepare_output(cfg, so)
+        plan = plan_shards(records, markers, cfg.shard_size)
+        log.info("input %s: %d images listed, %d already done, %d to process in %d shards, %d to delete",
+                 cfg.input, len(records), plan.skipped, plan.images, len(plan.shards), len(plan.deleted))
+        progress = Progress(plan, t0, progress_every_s, lease, so)
+        # Nothing to process: no runner work at all (no model is built, no actor started).
+        done = runner.run(cfg, plan.shards, progress) if plan.shards else []
+        progress.renew()  # a long last shard may have used up half the lease: deletions and manifest still to write
+        manifest = finish(cfg, plan, done, time.perf_counter() - t0, so)
+    except BaseException:
+        # Also when the run fails, so a rerun need not wait for the lease to expire (only a killed run leaves one);
+        # but a failure to release must not hide why the run failed.
+        try:
+            fstore.release_lease(progress.lease if progress else lease, so)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not release the lease on %s (it expires by itself): %s", cfg.output, e)
+        raise
+    fstore.release_lease(progress.lease, so)
+    return manifest
 
 
 class Progress:
     """Progress lines of a run (shards and images done, throughput, errors): at most one per ``every_s`` seconds,
     and one when the last shard is done.
 
+    It also keeps the run's lease on the output: a runner calls it at least every ``every_s`` seconds while it waits
+    on its work, and the lease is renewed once half its time has passed.
+
     Args:
         plan: the run's plan.
         t0: ``time.perf_counter()`` when the run started.
         every_s: seconds between lines (a runner may also wait on its work for this long at most).
+        lease: the run's lease on the output.
+        storage_options: fsspec options.
     """
 
-    def __init__(self, plan: Plan, t0: float, every_s: float) -> None:
+    def __init__(self, plan: Plan, t0: float, every_s: float, lease: fstore.Lease,
+                 storage_options: dict[str, Any] | None = None) -> None:
         self.shards = len(plan.shards)
         self.images = plan.images
         self.t0 = t0
         self.every_s = every_s
         self.last = time.perf_counter()
+        self.lease = lease
+        self.storage_options = storage_options
+
+    def renew(self) -> None:
+        """Renew the lease when half its time has passed.
+
+        Raises:
+            fstore.LeaseLost: another run took the output over; this one must stop writing.
+        """
+        if fstore.now() >= self.lease.renew_at:
+            self.lease = fstore.renew_lease(self.lease, self.storage_options)
 
     def __call__(self, done: Sequence[dict[str, Any]], final: bool = False) -> None:
-        """Log a line when ``every_s`` has passed since the last one, or when ``final``."""
+        """Renew the lease when due; log a line when ``every_s`` has passed since the last one, or when ``final``."""
+        self.renew()
         if not final and time.perf_counter() - self.last < self.every_s:
             return
         s = summarise(done, time.perf_counter() - self.t0)
@@ -90,7 +132,8 @@ def preflight(cfg: ExtractConfig, storage_options: dict[str, Any]) -> None:
 
 def prepare_output(cfg: ExtractConfig, storage_options: dict[str, Any]) -> list[dict[str, Any]]:
     """Check the output is writable and compatible with this config, write ``config.json``, clean a crashed run's
-    orphan files, and return the done-markers already there.
+    orphan files, and return the done-markers already there. Call it holding the output's lease (``run`` does): the
+    orphans of a crashed run look exactly like the shards of a run still writing.
 
     Raises:
         storage.StorageError: unreachable or unwritable output.

@@ -46,7 +46,8 @@ class LocalRunner:
         worker = ShardWorker(cfg.model_config(), cfg.output, cfg.batch_size, cfg.float16, cfg.threads, so)
         done: list[dict[str, Any]] = []
         for i, shard in enumerate(shards):
-            done.append(worker.run(decode_shard(shard, cfg.max_side, cfg.max_pixels, so)))
+            dshard = decode_shard(shard, cfg.max_side, cfg.max_pixels, so, max_image_bytes=cfg.max_image_bytes)
+            done.append(worker.run(dshard))
             progress(done, final=i == len(shards) - 1)
         return done
 
@@ -97,7 +98,8 @@ class RayRunner:
                 while queue and len(inflight) < n_actors * cfg.prefetch:
                     shard, attempt = queue.popleft()
                     a = min(range(n_actors), key=load.__getitem__)
-                    ref = actors[a].run.remote(decode.remote(shard, cfg.max_side, cfg.max_pixels, so))
+                    dref = decode.remote(shard, cfg.max_side, cfg.max_pixels, so, max_image_bytes=cfg.max_image_bytes)
+                    ref = actors[a].run.remote(dref)
                     inflight[ref] = (shard, a, attempt)
                     load[a] += 1
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress.every_s)

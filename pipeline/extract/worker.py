@@ -22,8 +22,12 @@ log = logging.getLogger(__name__)
 
 
 def decode_shard(shard: Shard, max_side: int, max_pixels: int, storage_options: dict[str, Any] | None = None,
-                 io_threads: int = 8) -> DecodedShard:
+                 io_threads: int = 8, max_image_bytes: int | None = None) -> DecodedShard:
     """Fetch and decode a shard's images (on a CPU worker). Never raises for bad input: each failure is a value.
+
+    Only a failed fetch is a ``read_error`` (transient: the next run redoes it). A file over ``max_image_bytes``,
+    a path that is not a regular file and a record the listing already found broken stay failed until the input
+    changes: retrying them would fail the same way on every run.
 
     Args:
         shard: the shard.
@@ -31,6 +35,8 @@ def decode_shard(shard: Shard, max_side: int, max_pixels: int, storage_options: 
         max_pixels: decompression-bomb limit.
         storage_options: fsspec options.
         io_threads: concurrent fetches (object stores have high latency per request).
+        max_image_bytes: files with more bytes are refused after reading at most one byte more (``too_large``);
+            None: no limit (callers that read untrusted input pass one: ``ExtractConfig.max_image_bytes``).
 
     Returns:
         The decoded shard, in the shard's record order.
@@ -38,9 +44,16 @@ def decode_shard(shard: Shard, max_side: int, max_pixels: int, storage_options: 
     t0 = time.perf_counter()
 
     def one(rec: listing.ImageRecord) -> imgs.Decoded:
+        if rec.error:
+            return imgs.failed(imgs.BAD_RECORD, rec.error)
         try:
-            data = storage.read_bytes(rec.uri, storage_options)
-        except Exception as e:  # noqa: BLE001 - any fetch failure becomes a retryable error row
+            data = storage.read_bytes(rec.uri, storage_options, max_bytes=max_image_bytes)
+        except storage.TooLarge:
+            return imgs.failed(imgs.TOO_LARGE, f"more than max_image_bytes={max_image_bytes} bytes "
+                                               "(--max-image-bytes); refused")
+        except storage.NotAFile as e:
+            return imgs.failed(imgs.NOT_IMAGE, f"{e} (a FIFO, device, socket or folder); not read")
+        except Exception as e:  # noqa: BLE001 - any other fetch failure becomes a retryable error row
             return imgs.failed(imgs.READ_ERROR, f"{type(e).__name__}: {e}")
         return imgs.decode_image(data, max_side=max_side, max_pixels=max_pixels)
 

@@ -9,16 +9,23 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-# Status kinds. They are plain strings so they can go straight into a Parquet column.
+# Status kinds. They are plain strings so they can go straight into a Parquet column. Only read_error is transient
+# (the next extraction run redoes it); every other failure stays until the image's fingerprint changes.
 OK = "ok"
 EMPTY = "empty"  # zero bytes
 TRUNCATED = "truncated"  # the file ends before the pixel data does
-NOT_IMAGE = "not_image"  # no allowed image format recognises the bytes
-TOO_LARGE = "too_large"  # more than max_pixels pixels (decompression-bomb guard), seen in the header
+# no allowed image format recognises the bytes; also set by callers for a path that is not a regular file (a FIFO,
+# a device, a folder named by a manifest): like unrecognised bytes, that stays so until the input changes
+NOT_IMAGE = "not_image"
+# more than max_pixels pixels (decompression-bomb guard), seen in the header; also set by callers for a file of more
+# than the extraction's max_image_bytes, refused unread
+TOO_LARGE = "too_large"
 TOO_SMALL = "too_small"  # short side below min_side
 READ_ERROR = "read_error"  # the bytes could not be fetched; set by callers, never by decode_image
 DECODE_ERROR = "decode_error"  # anything else; the message is kept
-STATUSES: tuple[str, ...] = (OK, EMPTY, TRUNCATED, NOT_IMAGE, TOO_LARGE, TOO_SMALL, READ_ERROR, DECODE_ERROR)
+BAD_RECORD = "bad_record"  # the listing's record names nothing to read (a manifest row without a uri); set by callers
+STATUSES: tuple[str, ...] = (OK, EMPTY, TRUNCATED, NOT_IMAGE, TOO_LARGE, TOO_SMALL, READ_ERROR, DECODE_ERROR,
+                             BAD_RECORD)
 
 # Same value as PIL's own default Image.MAX_IMAGE_PIXELS (about a 0.25 GiB RGB buffer).
 DEFAULT_MAX_PIXELS = 89_478_485

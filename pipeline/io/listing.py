@@ -19,12 +19,17 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One input image: a stable id (path relative to the input root), where to read it, and a change fingerprint."""
+    """One input image: a stable id (path relative to the input root), where to read it, and a change fingerprint.
+
+    ``error`` is set when the listing found the entry itself broken (a manifest row without a uri): the extraction
+    then writes it as a failed row without reading anything.
+    """
 
     image_id: str
     uri: str
     fingerprint: str
     label: str = ""
+    error: str = ""
 
 
 def _fingerprint(info: dict[str, Any]) -> str:
@@ -128,8 +133,17 @@ def _read_manifest(fs: fsspec.AbstractFileSystem, path: str) -> list[ImageRecord
     if not cols[uri_col]:
         raise StorageError(f"manifest {path} has no rows")
     base = posixpath.dirname(path)
+    name = posixpath.basename(path)
     out = []
     for i, uri in enumerate(cols[uri_col]):
+        given_id = _cell(cols, "image_id", i)
+        if not _cell(cols, uri_col, i).strip():
+            # A null (Parquet) or empty (CSV) uri: a row that names nothing to read. It becomes a failed row, never
+            # a read of the manifest's folder, nor the id "None"; its id stays stable across runs so it is not redone.
+            row = f"{name}#row-{i + 1}"
+            out.append(ImageRecord(given_id or row, "", _cell(cols, "fingerprint", i), _cell(cols, "label", i),
+                                   error=f"manifest {path} row {i + 1} has no {uri_col}"))
+            continue
         uri = str(uri)
         if "://" not in uri and not uri.startswith("/"):
             full = unstrip(fs, posixpath.join(base, uri))
@@ -137,8 +151,12 @@ def _read_manifest(fs: fsspec.AbstractFileSystem, path: str) -> list[ImageRecord
         else:
             full = uri
             default_id = uri.split("://", 1)[-1].lstrip("/")
-        image_id = str(cols["image_id"][i]) if "image_id" in cols else default_id
-        fp = str(cols["fingerprint"][i]) if "fingerprint" in cols else uri
-        label = str(cols["label"][i]) if "label" in cols else ""
-        out.append(ImageRecord(image_id, full, fp, label))
+        fp = _cell(cols, "fingerprint", i) or uri
+        out.append(ImageRecord(given_id or default_id, full, fp, _cell(cols, "label", i)))
     return out
+
+
+def _cell(cols: dict[str, list[Any]], name: str, i: int) -> str:
+    """A manifest cell as text: "" for a missing column, a null (Parquet) or an empty cell (CSV), never "None"."""
+    v = cols[name][i] if name in cols else None
+    return "" if v is None else str(v)

@@ -15,7 +15,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
 # botocore settings for every S3 client unless the storage options say otherwise: bounded waits (botocore's own
 # defaults are 60 s each), and more attempts with exponential backoff than botocore's legacy 5 quick ones, so that
 # throttling (503 SlowDown) and reset connections on a busy store are retried, not turned into failed shards.
