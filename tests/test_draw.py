@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.bench.report import RANK_COLOURS, draw_regions_sheet
+from pipeline.commands.draw_regions import pick_images
 from pipeline.config import SAMPLE_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def test_draw_regions_command_writes_the_png(tmp_path, monkeypatch) -> None:
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     # Directories contribute round-robin: two folders, n=2 -> the first image of each.
-    picked = job.pick_images([str(SAMPLE_DATA / "Leopards"), str(SAMPLE_DATA / "watch")], 2)
+    picked = pick_images([str(SAMPLE_DATA / "Leopards"), str(SAMPLE_DATA / "watch")], 2)
     assert [p.parent.name for p in picked] == ["Leopards", "watch"]
     out = tmp_path / "regions.png"
     rc = job.main(["--images", str(SAMPLE_DATA / "Leopards"), str(SAMPLE_DATA / "watch"), "--n", "2",
