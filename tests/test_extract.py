@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -518,13 +519,13 @@ def test_run_ray_on_a_local_dir_survives_an_actor_killed_mid_shard(ray_local, co
     class DiesOnce(worker.ShardWorker):
         """Writes half of shard 1, then its process dies (once): Ray restarts the actor and the shard is redone."""
 
-        def run(self, dshard):
+        def run(self, dshard, on_images=None):
             if dshard.shard.shard_id.endswith("-000001") and not flag.exists():
                 flag.write_text(str(os.getpid()))
                 itab, _, _ = worker.run_model_on_shard(self.model, dshard, self.batch_size)
                 storage.write_parquet(fstore.shard_paths(self.output, dshard.shard.shard_id)["images"], itab)
                 os._exit(1)
-            return super().run(dshard)
+            return super().run(dshard, on_images)
 
     monkeypatch.setattr(runners, "ShardWorker", DiesOnce)
     out = tmp_path / "out"
@@ -536,7 +537,7 @@ def test_run_ray_on_a_local_dir_survives_an_actor_killed_mid_shard(ray_local, co
     assert (run["images"], run["ok"], run["errors"], run["shards"], run["planned_shards"], run["regions"]) == \
         (8, 8, 0, 3, 3, 24)
     assert run["images_per_s"] > 0 and manifest["live_images"] == 8 and manifest["versions"]["ray"]
-    assert "progress: 3/3 shards, 8/8 images" in caplog.text
+    assert re.search(r"progress: 8/8 images, [\d.]+ images/s, ETA [\d:]+, 3/3 shards", caplog.text)  # image-level
     _assert_exactly_once(str(out), SAME_SIZE)
     _assert_matches(str(out), _reference(model, _files(corpus, SAME_SIZE)))
     monkeypatch.undo()
@@ -548,10 +549,10 @@ def test_run_ray_on_a_local_dir_survives_an_actor_killed_mid_shard(ray_local, co
 def test_run_ray_on_s3_resumes_a_failed_run_matches_the_model_and_never_logs_the_secret(
         ray_local, corpus: Path, s3_server: dict, s3_bucket: str, model, monkeypatch, caplog, capfd):
     class AlwaysDies(worker.ShardWorker):
-        def run(self, dshard):
+        def run(self, dshard, on_images=None):
             if dshard.shard.shard_id.endswith("-000001"):
                 os._exit(1)
-            return super().run(dshard)
+            return super().run(dshard, on_images)
 
     so = _secret_options(s3_server)
     _upload(corpus, SAME_SIZE, f"s3://{s3_bucket}/in", so)
@@ -617,7 +618,7 @@ def test_cli_end_to_end_on_s3(ray_local: str, corpus: Path, s3_server: dict, s3_
     assert {"output", "images", "ok", "errors", "statuses", "images_per_s", "elapsed_s", "skipped_already_done"} \
         <= set(summary)
     assert (summary["images"], summary["ok"], summary["errors"], summary["statuses"]) == (8, 8, 0, {"ok": 8})
-    assert "progress: 2/2 shards, 8/8 images" in r.stderr
+    assert re.search(r"progress: 8/8 images, [\d.]+ images/s, ETA [\d:]+, 2/2 shards", r.stderr)
     assert '"storage_options": "<redacted>"' in r.stderr  # the config is logged, redacted
     _assert_matches(out, _reference(model, _files(corpus, SAME_SIZE)), so)
     _assert_secret_nowhere(so, s3_bucket, r.stdout, r.stderr, _ray_session_logs())

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import platform
+import sys
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
 from pipeline.config import ConfigError, ExtractConfig, config_hash, public_dict
 from pipeline.extract.plan import Plan, plan_shards
@@ -76,29 +77,42 @@ def run(cfg: ExtractConfig, runner: Runner, progress_every_s: float = 10.0) -> d
 
 
 class Progress:
-    """Progress lines of a run (shards and images done, throughput, errors): at most one per ``every_s`` seconds,
-    and one when the last shard is done.
+    """A run's progress, image by image: a bar on a terminal (redrawn about once a second) and log lines (one per
+    ``every_s`` seconds and one at the end) with images done, images/s, ETA, shards and errors.
 
-    It also keeps the run's lease on the output: a runner calls it at least every ``every_s`` seconds while it waits
-    on its work, and the lease is renewed once half its time has passed.
+    Runners count images as their batches finish (``add``, or set ``counted``) and call the object at least every
+    ``tick_s`` seconds while they wait on their work. It also keeps the run's lease on the output: the lease is
+    renewed once half its time has passed.
 
     Args:
         plan: the run's plan.
         t0: ``time.perf_counter()`` when the run started.
-        every_s: seconds between lines (a runner may also wait on its work for this long at most).
+        every_s: seconds between log lines.
         lease: the run's lease on the output.
         storage_options: fsspec options.
+        stream: where the bar goes (default stderr); no bar unless it is a terminal.
     """
 
     def __init__(self, plan: Plan, t0: float, every_s: float, lease: fstore.Lease,
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None, stream: TextIO | None = None) -> None:
         self.shards = len(plan.shards)
         self.images = plan.images
         self.t0 = t0
         self.every_s = every_s
         self.last = time.perf_counter()
+        self.drawn = float("-inf")  # the first call draws the bar
         self.lease = lease
         self.storage_options = storage_options
+        self.stream = stream if stream is not None else sys.stderr
+        self.bar = self.stream.isatty()
+        self.tick_s = min(1.0, every_s) if self.bar else every_s
+        # Images the workers reported batch by batch. A shard retried after its worker died counts twice, so the
+        # figure shown is clamped to the plan, and never below what the finished shards' markers say.
+        self.counted = 0
+
+    def add(self, n: int) -> None:
+        """Count ``n`` more finished images."""
+        self.counted += n
 
     def renew(self) -> None:
         """Renew the lease when half its time has passed.
@@ -110,14 +124,38 @@ class Progress:
             self.lease = fstore.renew_lease(self.lease, self.storage_options)
 
     def __call__(self, done: Sequence[dict[str, Any]], final: bool = False) -> None:
-        """Renew the lease when due; log a line when ``every_s`` has passed since the last one, or when ``final``."""
+        """Renew the lease when due; redraw the bar about once a second; log a line when ``every_s`` has passed since
+        the last one, or when ``final``."""
         self.renew()
-        if not final and time.perf_counter() - self.last < self.every_s:
+        now = time.perf_counter()
+        line = not final and now - self.last < self.every_s
+        if not self.bar and line:
             return
-        s = summarise(done, time.perf_counter() - self.t0)
-        log.info("progress: %d/%d shards, %d/%d images, %.1f images/s, %d errors", len(done), self.shards,
-                 s["images"], self.images, s["images_per_s"] or 0.0, s["errors"])
-        self.last = time.perf_counter()
+        s = summarise(done, now - self.t0)
+        n = min(self.images, max(self.counted, s["images"]))
+        rate = n / (now - self.t0) if now > self.t0 else 0.0
+        eta = _duration((self.images - n) / rate) if rate > 0 else "?"
+        if self.bar and (final or now - self.drawn >= self.tick_s):
+            width = 30
+            fill = int(width * n / self.images) if self.images else width
+            self.stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {n}/{self.images} images, {rate:.1f}/s, "
+                              f"ETA {eta}, {s['errors']} errors" + ("\n" if final else ""))
+            self.stream.flush()
+            self.drawn = now
+        if line:
+            return
+        if self.bar and not final:
+            self.stream.write("\r\033[K")  # the log line takes the bar's place; the next tick draws it again
+            self.drawn = float("-inf")
+        log.info("progress: %d/%d images, %.1f images/s, ETA %s, %d/%d shards, %d errors", n, self.images, rate, eta,
+                 len(done), self.shards, s["errors"])
+        self.last = now
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as h:mm:ss."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def preflight(cfg: ExtractConfig, storage_options: dict[str, Any]) -> None:

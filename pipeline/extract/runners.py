@@ -45,9 +45,13 @@ class LocalRunner:
         so = cfg.fs_options
         worker = ShardWorker(cfg.model_config(), cfg.output, cfg.batch_size, cfg.float16, cfg.threads, so)
         done: list[dict[str, Any]] = []
+        def batch_done(n: int) -> None:
+            progress.add(n)
+            progress(done)
+
         for i, shard in enumerate(shards):
             dshard = decode_shard(shard, cfg.max_side, cfg.max_pixels, so, max_image_bytes=cfg.max_image_bytes)
-            done.append(worker.run(dshard))
+            done.append(worker.run(dshard, batch_done))
             progress(done, final=i == len(shards) - 1)
         return done
 
@@ -89,6 +93,8 @@ class RayRunner:
                                    float16=cfg.float16, threads=threads, storage_options=so)
                   for _ in range(n_actors)]
         decode = ray.remote(num_cpus=1, max_retries=SHARD_ATTEMPTS)(decode_shard)
+        counter = ray.remote(num_cpus=0)(ImageCounter).remote()  # the actors' image-level progress, batch by batch
+        on_images = CountTo(counter)
         queue = deque((s, 1) for s in shards)
         inflight: dict[Any, tuple[Shard, int, int]] = {}
         load = [0] * n_actors
@@ -99,10 +105,10 @@ class RayRunner:
                     shard, attempt = queue.popleft()
                     a = min(range(n_actors), key=load.__getitem__)
                     dref = decode.remote(shard, cfg.max_side, cfg.max_pixels, so, max_image_bytes=cfg.max_image_bytes)
-                    ref = actors[a].run.remote(dref)
+                    ref = actors[a].run.remote(dref, on_images)
                     inflight[ref] = (shard, a, attempt)
                     load[a] += 1
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress.every_s)
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress.tick_s)
                 for ref in ready:
                     shard, a, attempt = inflight.pop(ref)
                     load[a] -= 1
@@ -115,13 +121,39 @@ class RayRunner:
                         log.warning("shard %s failed (attempt %d), resubmitting: %s", shard.shard_id, attempt,
                                     str(e).splitlines()[0])
                         queue.append((shard, attempt + 1))
+                progress.counted = ray.get(counter.total.remote())
                 progress(done, final=not (queue or inflight))
         finally:
             # Also when the run fails: restartable actors would otherwise outlive it, holding their CPUs/GPUs, and a
             # later run on the same cluster could wait forever for those resources.
-            for actor in actors:
+            for actor in [*actors, counter]:
                 ray.kill(actor, no_restart=True)
         return done
+
+
+class ImageCounter:
+    """A Ray actor counting the images the model actors finished (batch by batch), read by the driver."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, n: int) -> None:
+        """Count ``n`` more finished images."""
+        self.n += n
+
+    def total(self) -> int:
+        """Images counted so far."""
+        return self.n
+
+
+class CountTo:
+    """The ``on_images`` callback a model actor is given: adds to an ``ImageCounter`` without waiting for it."""
+
+    def __init__(self, counter: Any) -> None:
+        self.counter = counter
+
+    def __call__(self, n: int) -> None:
+        self.counter.add.remote(n)
 
 
 def make_runner(in_process: bool) -> Runner:

@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -62,8 +62,8 @@ def decode_shard(shard: Shard, max_side: int, max_pixels: int, storage_options: 
     return DecodedShard(shard, decoded, time.perf_counter() - t0)
 
 
-def run_model_on_shard(model: Any, dshard: DecodedShard, batch_size: int, float16: bool = False
-                       ) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+def run_model_on_shard(model: Any, dshard: DecodedShard, batch_size: int, float16: bool = False,
+                       on_images: Callable[[int], Any] | None = None) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
     """Run the model over a decoded shard and build its two tables (pure: no I/O).
 
     Images are batched in order of size so that padding within a batch stays small.
@@ -73,6 +73,8 @@ def run_model_on_shard(model: Any, dshard: DecodedShard, batch_size: int, float1
         dshard: the decoded shard.
         batch_size: images per forward pass.
         float16: store vectors as float16.
+        on_images: called with the number of images each batch finished (the failed ones first, at once): the
+            run's image-level progress.
 
     Returns:
         (images table, regions table, stats with counts and timings).
@@ -80,12 +82,16 @@ def run_model_on_shard(model: Any, dshard: DecodedShard, batch_size: int, float1
     recs, dec = dshard.shard.records, dshard.decoded
     ok_idx = [i for i, d in enumerate(dec) if d.ok]
     ok_idx.sort(key=lambda i: (dec[i].array.shape[0], dec[i].array.shape[1]))  # type: ignore[union-attr]
+    if on_images is not None and len(dec) > len(ok_idx):
+        on_images(len(dec) - len(ok_idx))  # images that failed to decode are done already
     outputs: dict[int, dict[str, np.ndarray]] = {}
     t0 = time.perf_counter()
     for b in range(0, len(ok_idx), batch_size):
         idx = ok_idx[b:b + batch_size]
         res = model([dec[i].array for i in idx], [(dec[i].width, dec[i].height) for i in idx])
         outputs.update(zip(idx, res))
+        if on_images is not None:
+            on_images(len(idx))
     infer_s = time.perf_counter() - t0
 
     dims = model.dims
@@ -181,9 +187,10 @@ class ShardWorker:
         self.float16 = float16
         self.storage_options = storage_options
 
-    def run(self, dshard: DecodedShard) -> dict[str, Any]:
-        """Process one decoded shard end to end; returns its marker (with per-stage timings)."""
-        itab, rtab, stats = run_model_on_shard(self.model, dshard, self.batch_size, self.float16)
+    def run(self, dshard: DecodedShard, on_images: Callable[[int], Any] | None = None) -> dict[str, Any]:
+        """Process one decoded shard end to end; returns its marker (with per-stage timings). ``on_images`` is told
+        how many images each batch finished (see ``run_model_on_shard``)."""
+        itab, rtab, stats = run_model_on_shard(self.model, dshard, self.batch_size, self.float16, on_images)
         marker = write_shard(self.output, dshard.shard, itab, rtab, stats, self.storage_options)
         s = marker["stats"]
         log.info("shard %s: %d images (%d ok), read %.2fs infer %.2fs write %.2fs", dshard.shard.shard_id,
