@@ -117,13 +117,20 @@ def build_parser(cls: type, prog: str, description: str, epilog: str = "") -> ar
     return p
 
 
+RUNTIME_FLAGS = ("verbose",)  # flags every command has that are not config fields (see add_common_flags)
+
+
+def config_values(ns: argparse.Namespace) -> dict[str, Any]:
+    """A parsed namespace's config fields: everything but the run-time flags every command has."""
+    return {k: v for k, v in vars(ns).items() if k not in RUNTIME_FLAGS}
+
+
 def _parse(cls: type[T], argv: Sequence[str] | None, prog: str, doc: str) -> tuple[T, bool]:
     """Parse flags into a validated config and the --verbose switch (kept out of the config and its hash)."""
     parser = build_parser(cls, prog, *split_doc(doc))
-    values = vars(parser.parse_args(argv))
-    verbose = bool(values.pop("verbose"))
+    ns = parser.parse_args(argv)
     try:
-        return from_dict(cls, values), verbose
+        return from_dict(cls, config_values(ns)), bool(ns.verbose)
     except ConfigError as e:
         parser.error(str(e))
         raise  # unreachable: parser.error exits

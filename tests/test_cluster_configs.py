@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from pipeline.cli import build_parser, parse_args
+from pipeline.cli import build_parser, config_values, parse_args
 from pipeline.config import (
     BenchmarkConfig,
     ConfigError,
@@ -171,7 +171,8 @@ def _parse(job: str, argv: list[str]) -> Any:
     argparse, so that a ConfigError (not argparse's exit) is what the checks below see.
     """
     if job == "reindex":
-        return from_dict(ReindexConfig, vars(build_parser(ReindexConfig, "jobs/reindex.py", "").parse_args(argv)))
+        ns = build_parser(ReindexConfig, "jobs/reindex.py", "").parse_args(argv)
+        return from_dict(ReindexConfig, config_values(ns))
     return parse_args(CONFIGS[job], argv, f"jobs/{job}.py", "")
 
 
