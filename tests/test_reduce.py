@@ -1,4 +1,4 @@
-"""Tests of the reduce stage (pipeline/reduce.py): index artifacts from an extraction, streamed, through fsspec."""
+"""Tests of the reduce stage (pipeline/reduce/build.py, pipeline/store/index_store.py): index artifacts from an extraction, streamed, through fsspec."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of search (pipeline/search.py and jobs/search.py): an indexed image finds itself; re-ranking and QE run."""
+"""Tests of search (pipeline/retrieval/search.py and jobs/search.py): an indexed image finds itself; re-ranking and QE run."""
 
 from __future__ import annotations
 

