@@ -79,3 +79,137 @@ def test_top_k_regions_recompute_local_feature(tiny_features):
     loc = one.vectors["local"][i]
     assert abs(loc.sum() - 1) < 1e-5
     np.testing.assert_allclose(loc / np.linalg.norm(loc), r, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Query expansion: the expansion set never holds the query's own row
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _unit(deg: float) -> np.ndarray:
+    t = np.deg2rad(deg)
+    return np.array([np.cos(t), np.sin(t)], dtype=np.float32)
+
+
+def _qe_rankers(monkeypatch, db, qrows, region_desc=None, offsets=None):
+    """Rankers over hand-made vectors (``ours`` = ``crow`` = ``gem`` = ``db``), with every AQE call recorded."""
+    from types import SimpleNamespace
+
+    from pipeline.bench import methods
+    from pipeline.bench.corpus import Corpus
+
+    calls = []
+    real = methods.average_query_expansion
+
+    def spy(q, vecs, ids, k):
+        calls.append(np.asarray(ids)[:, :k].copy())
+        return real(q, vecs, ids, k)
+
+    monkeypatch.setattr(methods, "method_vectors", lambda c, cfg: {"ours": db, "crow": db})
+    monkeypatch.setattr(methods, "average_query_expansion", spy)
+    n = len(db)
+    region_desc = np.zeros((0, db.shape[1]), np.float32) if region_desc is None else region_desc
+    offsets = np.zeros(n + 1, np.int64) if offsets is None else offsets
+    c = Corpus("", [f"{i}.jpg" for i in range(n)], None, {"gem": db}, region_desc, offsets, [])
+    cfg = SimpleNamespace(qe=2, rerank=n)
+    return methods.method_rankers(c, cfg, np.asarray(qrows), n), calls
+
+
+def test_expansion_neighbours_skip_the_query_and_pad():
+    from pipeline.bench.methods import expansion_neighbours
+
+    ids = np.array([[0, 1, 2], [5, 3, 4]])
+    assert expansion_neighbours(ids, np.array([0, 3]), 2).tolist() == [[1, 2], [5, 4]]
+    # Fewer than k others: padded with -1, which AQE ignores.
+    assert expansion_neighbours(np.array([[0, 1]]), np.array([0]), 2).tolist() == [[1, -1]]
+
+
+def test_ours_qe_expands_with_qe_non_self_neighbours(monkeypatch):
+    # Unit vectors at 0, 30, 50 and 60 degrees; queries rows 0 and 3, qe = 2.
+    db = np.stack([_unit(a) for a in (0, 30, 50, 60)])
+    rankers, calls = _qe_rankers(monkeypatch, db, [0, 3])
+    got = rankers["ours+qe"]()
+    # Row 0 ranks [0, 1, 2, 3]: its 2 non-self neighbours are rows 1, 2, so q' = l2n(u0 + u30 + u50), at ~26.8
+    # degrees: nearest row 1 (30), then row 2 (50, 23.2 away), row 0 (26.8 away), row 3.
+    # Row 3 ranks [3, 2, 1, 0]: neighbours rows 2, 1; q' = l2n(u60 + u50 + u30) at ~46.7 degrees -> [2, 3, 1, 0].
+    assert got.tolist() == [[1, 2, 0, 3], [2, 3, 1, 0]]
+    assert [row.tolist() for row in calls[0]] == [[1, 2], [2, 1]]
+    for qrow, used in zip((0, 3), calls[0]):
+        assert qrow not in used
+    q2 = db[[0, 3]] + db[[1, 2]] + db[[2, 1]]
+    q2 /= np.linalg.norm(q2, axis=1, keepdims=True)
+    np.testing.assert_array_equal(got, np.argsort(-(q2 @ db.T), axis=1, kind="stable"))
+    # The old expansion, l2n(2q + top-1 other) for qe + 1 = 3 with the query among them, ranks row 0 first.
+    old = 2 * db[0] + db[1]
+    assert int(np.argmax(db @ old)) == 0 and got[0, 0] != 0
+
+
+def test_crow_rerank_qe_expands_with_reranked_non_self_neighbours(monkeypatch):
+    # CroW = GeM = unit vectors at 0, 30, 50 and 65 degrees; each image has one region equal to its vector,
+    # except row 3, whose region equals the query's (0 degrees).
+    db = np.stack([_unit(a) for a in (0, 30, 50, 65)])
+    regions = np.stack([_unit(a) for a in (0, 30, 50, 0)])
+    rankers, calls = _qe_rankers(monkeypatch, db, [0], regions, np.arange(5))
+    # Re-ranked first pass (0.5 region + 0.5 CroW): [0 (1), 1 (.866), 3 (.5 + .5 * .423 = .711), 2 (.643)].
+    assert rankers["crow+rerank"]().tolist() == [[0, 1, 3, 2]]
+    calls.clear()
+    got = rankers["crow+rerank+qe"]()
+    # Expansion from the re-ranked list without the query: rows 1 and 3 (not 1 and 2 of the CroW order).
+    assert [row.tolist() for row in calls[0]] == [[1, 3]]
+    # q' = l2n(u0 + u30 + u65) at ~31.6 degrees; CroW scores cos(1.6), cos(18.4), cos(31.6), cos(33.4) for rows
+    # 1, 2, 0, 3; re-ranked with the original GeM query: row 1 .5 * .866 + .5 * .9996 = .933, row 0 .926,
+    # row 3 .918, row 2 .796.
+    assert got.tolist() == [[1, 0, 3, 2]]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Protocols: ground truth mapped to corpus rows by path; missing positives count as not retrieved
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _corpus(paths):
+    from pipeline.bench.corpus import Corpus
+
+    n = len(paths)
+    return Corpus("", paths, None, {}, np.zeros((0, 2), np.float32), np.zeros(n + 1, np.int64), [])
+
+
+def test_revisited_protocol_maps_gnd_by_path_with_a_missing_image():
+    from types import SimpleNamespace
+
+    from pipeline.bench.protocols import RevisitedProtocol
+
+    p = RevisitedProtocol(SimpleNamespace(dataset="unused"))
+    # imlist a b c d e; c (position 2, in the middle) failed to extract, so corpus rows are a=0 b=1 d=2 e=3.
+    e = np.array([], dtype=np.int64)
+    p.gnd = {"imlist": ["a", "b", "c", "d", "e"], "qimlist": ["a"],
+             "gnd": [{"easy": np.array([1, 3]), "hard": np.array([2]), "junk": np.array([4]), "bbx": e}]}
+    qrows, extra = p.queries(_corpus(["jpg/a.jpg", "jpg/b.jpg", "jpg/d.jpg", "jpg/e.jpg"]))
+    assert qrows.tolist() == [0] and extra == {"positives_missing": 1}
+    assert p.gnd_rows[0]["easy"].tolist() == [1, 2]  # b, d
+    assert p.gnd_rows[0]["hard"].tolist() == [4 + 2]  # c: N + its imlist position, in no ranking
+    assert p.gnd_rows[0]["junk"].tolist() == [3]  # e
+    res = p.score(np.array([[0, 3, 2, 1]]))  # a, e, d, b
+    # Medium: positives b, c, d (3), junk e -> junk-free [a, d, b], hits at 1, 2:
+    # ((0 + 1/2)/2 + (1/2 + 2/3)/2) / 3 = 5/18. (By position, b/e/d would be the positives: 37/72.)
+    assert res["score"] == pytest.approx(5 / 18)
+    # Easy: positives b, d, junk e (and c): ((0 + 1/2)/2 + (1/2 + 2/3)/2) / 2 = 5/12. Hard: c never retrieved: 0.
+    assert res["easy"] == pytest.approx(5 / 12)
+    assert res["hard"] == 0.0
+
+
+def test_oxford_protocol_counts_a_missing_positive_as_not_retrieved():
+    from types import SimpleNamespace
+
+    from pipeline.bench.datasets import OxfordQuery
+    from pipeline.bench.protocols import OxfordProtocol
+
+    p = OxfordProtocol(SimpleNamespace(dataset="unused", queries=None))
+    # p2 (ok) and j (junk) failed to extract.
+    p.gt = [OxfordQuery(name="x_1", image_id="q", bbox=(0, 0, 1, 1), good=frozenset({"q", "p1"}),
+                        ok=frozenset({"p2"}), junk=frozenset({"j"}))]
+    qrows, extra = p.queries(_corpus(["x/q.jpg", "x/p1.jpg", "x/n.jpg"]))
+    assert qrows.tolist() == [0] and extra == {"positives_missing": 1}
+    assert p.positives[0].tolist() == [0, 1, 3] and p.junk[0].tolist() == []
+    # Ranking q, n, p1: hits at 0 and 2 among 3 positives: (1 + (1/2 + 2/3)/2) / 3 = 19/36 (p2 dropped: 19/24).
+    assert p.score(np.array([[0, 2, 1]]))["score"] == pytest.approx(19 / 36)

@@ -178,8 +178,9 @@ def test_average_precision_mask_duplicates_and_empty():
     assert average_precision(ranked, mask) == pytest.approx(19 / 24)
     assert average_precision(ranked, np.array([3, 4, 4, 3])) == pytest.approx(19 / 24)  # duplicates ignored
     assert np.isnan(average_precision(ranked, np.array([], dtype=np.int64)))
-    # An item that is both positive and junk is junk.
-    assert average_precision(ranked, np.array([3, 0, 4]), junk=np.array([0])) == pytest.approx(1.0)
+    # An item that is both positive and junk is skipped as junk but stays a positive (compute_ap.cpp): hits 3, 4
+    # at 0, 1 of [3, 4, 1, 2] among 3 positives, (1 + 1) / 3 = 2/3.
+    assert average_precision(ranked, np.array([3, 0, 4]), junk=np.array([0])) == pytest.approx(2 / 3)
 
 
 def test_average_precision_matches_revisitop_and_philbin():
@@ -194,6 +195,36 @@ def test_average_precision_matches_revisitop_and_philbin():
         _, aps, _, _ = ref_revisitop_compute_map(ranked[:, None], [{"ok": pos, "junk": junk}])
         assert ours == pytest.approx(aps[0], abs=1e-12)
         assert ours == pytest.approx(ref_philbin_ap(ranked, set(pos), set(junk)), abs=1e-6)  # float32 in C++
+
+
+def test_average_precision_positive_and_junk_follows_compute_ap_cpp():
+    # Item 1 is both positive and junk: skipped, yet one of the 2 positives. Junk-free [0, 2]: positive 2 at
+    # rank 1, (0 + 1/2) / 2 * 1/2 = 1/8 (dropping it from the positives, as before, gave 1/4).
+    ranked, pos, junk = np.array([0, 1, 2]), np.array([1, 2]), np.array([1])
+    assert average_precision(ranked, pos, junk) == pytest.approx(1 / 8)
+    assert ref_philbin_ap(ranked, {1, 2}, {1}) == pytest.approx(1 / 8)
+    # Every ranked positive is also junk: nothing retrieved, AP 0 (not NaN: the positives are not empty).
+    assert average_precision(ranked, np.array([1]), np.array([1])) == 0.0
+
+
+def test_average_precision_overlapping_sets_match_philbin():
+    rng = np.random.default_rng(2)
+    n = 30
+    for _ in range(200):
+        ranked = rng.permutation(n)[: rng.integers(5, n + 1)]
+        pos = rng.choice(n, size=rng.integers(1, 8), replace=False)
+        junk = np.union1d(rng.choice(pos, size=rng.integers(0, len(pos) + 1), replace=False),
+                          rng.choice(n, size=rng.integers(0, 5), replace=False))
+        want = ref_philbin_ap(ranked, set(pos.tolist()), set(junk.tolist()))
+        assert average_precision(ranked, pos, junk) == pytest.approx(want, abs=1e-6)
+
+
+def test_oxford_map_positive_without_a_database_row():
+    # 4 database rows; positive 7 has no row (an image that failed to extract), so no ranking holds it.
+    ranks = np.array([[2, 0, 1, 3]])
+    m, aps = oxford_map(ranks, [np.array([2, 1, 7])], [np.array([], dtype=np.int64)])
+    # Hits at 0 and 2 among 3 positives: (1 + (1/2 + 2/3)/2) / 3 = 19/36; without 7 it would be 19/24.
+    assert aps[0] == pytest.approx(19 / 36) and m == pytest.approx(19 / 36)
 
 
 def test_oxford_map():
@@ -243,6 +274,48 @@ def test_revisited_map_matches_revisitop():
     for g in gnd:  # every query needs at least one easy and one positive overall for the reference's max()
         if len(g["easy"]) == 0:
             g["easy"] = np.array([int(np.setdiff1d(np.arange(n), np.concatenate([g["hard"], g["junk"]]))[0])])
+    ours = revisited_map(ranks, gnd, kappas=(1, 5, 10))
+    ref = ref_revisitop_protocols(ranks, gnd, (1, 5, 10))
+    for setting in ("easy", "medium", "hard"):
+        assert ours[setting]["mAP"] == pytest.approx(ref[setting][0], abs=1e-12)
+        assert [ours[setting]["mP@k"][k] for k in (1, 5, 10)] == pytest.approx(list(ref[setting][1]), abs=1e-12)
+
+
+def test_revisited_map_positive_and_junk_follows_revisitop():
+    e = np.array([], dtype=np.int64)
+    # Item 1 is easy and junk. revisitop: positives at positions 1, 2, junk at 1; each positive loses the junk
+    # strictly before it, so ranks [1, 1]: (0 + 1/2)/2/2 + (1/1 + 2/2)/2/2 = 1/8 + 1/2 = 5/8 (compute_ap.cpp: 1/8;
+    # dropping item 1 from the positives, as before: 1/4).
+    ranks = np.array([[0, 1, 2]])
+    gnd = [{"easy": np.array([1, 2]), "hard": e, "junk": np.array([1])}]
+    res = revisited_map(ranks, gnd, kappas=(1, 5))
+    ref_map, _, ref_pr, _ = ref_revisitop_compute_map(ranks.T, [{"ok": np.array([1, 2]), "junk": np.array([1])}],
+                                                      [1, 5])
+    assert ref_map == pytest.approx(5 / 8) and list(ref_pr) == pytest.approx([0.0, 1.0])
+    for setting in ("easy", "medium"):
+        assert res[setting]["mAP"] == pytest.approx(5 / 8)
+        # 1-based ranks [2, 2]: P@1 0, P@5 with kq = 2: 2/2.
+        assert res[setting]["mP@k"] == pytest.approx({1: 0.0, 5: 1.0})
+    assert np.isnan(res["hard"]["mAP"])
+    # The documented quirk: ranking [b, p] with b in both sets gives ranks [0, 0] and AP 1/2 + 3/4 = 1.25.
+    gnd2 = [{"easy": np.array([0, 1]), "hard": e, "junk": np.array([0])}]
+    assert revisited_map(np.array([[0, 1]]), gnd2)["medium"]["mAP"] == pytest.approx(1.25)
+    ref_map2 = ref_revisitop_compute_map(np.array([[0], [1]]), [{"ok": np.array([0, 1]), "junk": np.array([0])}])[0]
+    assert ref_map2 == pytest.approx(1.25)
+
+
+def test_revisited_map_overlapping_sets_match_revisitop():
+    rng = np.random.default_rng(3)
+    n, nq = 30, 10
+    ranks = np.stack([rng.permutation(n) for _ in range(nq)])
+    gnd = _random_gnd(rng, n, nq)
+    # Positives that are also junk (easy and junk, hard and junk); easy and hard stay disjoint, since revisitop
+    # counts an id in both twice among the Medium positives and we count it once (documented). At least one easy
+    # positive per query for the reference's max().
+    for g in gnd:
+        free = np.setdiff1d(np.arange(n), np.concatenate([g["easy"], g["hard"]]))
+        g["easy"] = np.union1d(g["easy"], free[:1])
+        g["junk"] = np.union1d(g["junk"], np.concatenate([rng.choice(g["easy"], size=1), g["hard"][:1]]))
     ours = revisited_map(ranks, gnd, kappas=(1, 5, 10))
     ref = ref_revisitop_protocols(ranks, gnd, (1, 5, 10))
     for setting in ("easy", "medium", "hard"):

@@ -50,16 +50,38 @@ def method_vectors(c: Corpus, cfg: BenchmarkConfig) -> dict[str, np.ndarray]:
 def rerank_ranking(c: Corpus, vec: dict[str, np.ndarray], qrows: np.ndarray, depth: int, n: int,
                    qe: int) -> np.ndarray:
     """CroW initial ranking, top-N re-ranked by the query's global feature against each candidate's regions
-    (paper 2.5); with ``qe`` > 0 the CroW query is first expanded with its top re-ranked results (AQE)."""
+    (paper 2.5); with ``qe`` > 0 the CroW query is then expanded with its top ``qe`` re-ranked results other than
+    itself (AQE), and ranked and re-ranked again."""
     crow = vec["crow"]
     q = crow[qrows]
     # The query side of region similarity: the query's descriptor pooled like the regions (GeM over the whole map).
     qg = l2n(c.vectors["gem"][qrows])
     ids, _ = rerank_top(qg, *rank_by_similarity(q, crow, depth, with_scores=True), c.region_desc, c.offsets, n)
     if qe > 0:
-        q2 = average_query_expansion(q, crow, ids, qe)
+        q2 = average_query_expansion(q, crow, expansion_neighbours(ids, qrows, qe), qe)
         ids, _ = rerank_top(qg, *rank_by_similarity(q2, crow, depth, with_scores=True), c.region_desc, c.offsets, n)
     return ids
+
+
+def expansion_neighbours(ids: np.ndarray, qrows: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` results of each query that are not the query's own row: the set that AQE averages in.
+
+    The query stays in the database for ranking, so it usually ranks first; averaging it in again would give
+    ``l2n(2q + ...)`` instead of ``l2n(q + k neighbours)``.
+
+    Args:
+        ids: ``(Q, M)`` ranking, best first.
+        qrows: ``(Q,)`` database row of each query.
+        k: neighbours wanted.
+
+    Returns:
+        ``(Q, k)`` ``int64`` ids in rank order, ``-1`` (which AQE ignores) where fewer than ``k`` others exist.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    other = ids != np.asarray(qrows, dtype=np.int64)[:, None]
+    order = np.argsort(~other, axis=1, kind="stable")  # the others first, in rank order
+    picked = np.take_along_axis(np.where(other, ids, -1), order, axis=1)[:, :k]
+    return np.pad(picked, ((0, 0), (0, k - picked.shape[1])), constant_values=-1)
 
 
 def bow_vectors(c: Corpus, cfg: BenchmarkConfig) -> np.ndarray:
@@ -101,10 +123,11 @@ def method_rankers(c: Corpus, cfg: BenchmarkConfig, qrows: np.ndarray,
         return rank_by_similarity(vec[m][qrows], vec[m], depth)
 
     def ours_qe() -> np.ndarray:
-        """``ours`` with AQE over its top ``qe + 1`` (the query, still in the database, among them)."""
+        """``ours`` with AQE over its top ``qe`` results other than the query itself."""
         ours = vec["ours"]
-        first = rank_by_similarity(ours[qrows], ours, cfg.qe + 1)
-        return rank_by_similarity(average_query_expansion(ours[qrows], ours, first, cfg.qe + 1), ours, depth)
+        first = rank_by_similarity(ours[qrows], ours, cfg.qe + 1)  # one more: the query is usually among them
+        q2 = average_query_expansion(ours[qrows], ours, expansion_neighbours(first, qrows, cfg.qe), cfg.qe)
+        return rank_by_similarity(q2, ours, depth)
 
     def bow() -> np.ndarray:
         """Rank by SIFT BoW tf-idf vectors."""
@@ -115,6 +138,6 @@ def method_rankers(c: Corpus, cfg: BenchmarkConfig, qrows: np.ndarray,
                                                     for m in (*DESCRIPTOR_METHODS, "ours")}
     rankers["ours+qe"] = ours_qe
     rankers["crow+rerank"] = lambda: rerank_ranking(c, vec, qrows, depth, cfg.rerank, 0)
-    rankers["crow+rerank+qe"] = lambda: rerank_ranking(c, vec, qrows, depth, cfg.rerank, cfg.qe + 1)
+    rankers["crow+rerank+qe"] = lambda: rerank_ranking(c, vec, qrows, depth, cfg.rerank, cfg.qe)
     rankers["bow"] = bow
     return rankers

@@ -144,16 +144,32 @@ def precision_at_k(
 
 
 def _hit_positions(ranked: np.ndarray, pos: np.ndarray, junk: np.ndarray) -> np.ndarray:
-    """0-based positions of the positives in ``ranked`` once the junk items are taken out of it."""
+    """0-based positions of the positives in ``ranked`` once the junk items are taken out of it (``compute_ap.cpp``).
+
+    An item in both sets is skipped as junk before the positive test, so it is never a hit.
+    """
     if junk.size:
         ranked = ranked[~np.isin(ranked, junk)]
     return np.flatnonzero(np.isin(ranked, pos))
 
 
-def _trapezoid_ap(hits: np.ndarray, n_pos: int) -> float:
-    """Oxford AP from the sorted 0-based ranks of the retrieved positives (revisitop ``compute_ap``).
+def _revisitop_hit_ranks(ranked: np.ndarray, pos: np.ndarray, junk: np.ndarray) -> np.ndarray:
+    """0-based ranks of the positives as revisitop's ``compute_map`` computes them (python/evaluate.py there).
 
-    Reproduces ``compute_ap`` of https://github.com/filipradenovic/revisitop (python/compute.py), itself the
+    Positions of positives and of junk items are found separately, and each positive's position is lowered by the
+    number of junk items strictly before it. On disjoint sets this equals :func:`_hit_positions`; an item in both
+    is a hit at its own place and is also removed from the ranking for the positives after it.
+    """
+    is_junk = np.isin(ranked, junk)
+    junk_before = np.cumsum(is_junk) - is_junk
+    at = np.flatnonzero(np.isin(ranked, pos))
+    return at - junk_before[at]
+
+
+def _trapezoid_ap(hits: np.ndarray, n_pos: int) -> float:
+    """Oxford AP from the non-decreasing 0-based ranks of the retrieved positives (revisitop ``compute_ap``).
+
+    Reproduces ``compute_ap`` of https://github.com/filipradenovic/revisitop (python/evaluate.py), itself the
     Python port of the Oxford Buildings ``compute_ap.cpp`` (Philbin et al., 2007): for the ``j``-th retrieved
     positive (0-based) at rank ``r`` the precision before it, ``j / r`` (1 when ``r == 0``), and after it,
     ``(j + 1) / (r + 1)``, are averaged, i.e. the area under the precision-recall curve by trapezoids, one
@@ -175,15 +191,18 @@ def average_precision(
 ) -> float:
     """Oxford/Paris average precision of one ranking (trapezoid interpolation, junk removed first).
 
-    Identical to revisitop's ``compute_map`` for one query whenever the positive and junk sets are disjoint
-    (always so in the official ground truth); an item in both is treated as junk: removed from the ranking
-    (as ``compute_ap.cpp`` does) and from the positives (so that AP = 1 stays reachable).
+    Follows the Oxford Buildings ``compute_ap.cpp`` (Philbin et al., 2007): a ranked item in the junk set is
+    skipped before the positive test, and AP divides by the size of the positive set. So an item listed as both
+    positive and junk is never a hit yet stays in the number of positives (AP = 1 is then unreachable). This
+    equals revisitop's ``compute_map`` only when the two sets are disjoint (always so in the official ground truth;
+    see :func:`revisited_map` for what revisitop does otherwise).
 
     Args:
-        ranked: ``(N',)`` database indices, best first (may be truncated: positives missing from it are
-            counted as not retrieved).
-        positives: boolean mask over the database or an array of database indices (duplicates ignored).
-        junk: the same for junk items, which are removed from the ranking before anything is counted.
+        ranked: ``(N',)`` database indices, best first (may be truncated).
+        positives: boolean mask over the database or an array of ids (duplicates ignored). An id that never
+            occurs in ``ranked`` counts as a positive not retrieved: a positive cut off by a truncated ranking,
+            or one without a database row, given an id ``>= N`` by the caller so that it still counts.
+        junk: the same for junk items, which are skipped in the ranking before anything is counted.
 
     Returns:
         AP in ``[0, 1]``; NaN when there are no positives (such queries are left out of a mean).
@@ -191,8 +210,6 @@ def average_precision(
     ranked = np.asarray(ranked).reshape(-1)
     pos = _as_index_set(positives)
     jnk = _as_index_set(junk)
-    if jnk.size:
-        pos = np.setdiff1d(pos, jnk, assume_unique=True)
     if pos.size == 0:
         return float("nan")
     return _trapezoid_ap(_hit_positions(ranked, pos, jnk), pos.size)
@@ -207,8 +224,9 @@ def oxford_map(
 
     Args:
         ranks: ``(Q, N')`` database indices, best first.
-        positives: per query, the good + ok items (index array or boolean mask).
-        junk: per query, the junk items, removed from the ranking before AP.
+        positives: per query, the good + ok items (index array or boolean mask); ids that never occur in a
+            ranking (e.g. ``>= N`` for images without a database row) count as positives not retrieved.
+        junk: per query, the junk items, skipped in the ranking before AP (see :func:`average_precision`).
 
     Returns:
         ``(mAP, aps)``: the mean over queries that have positives, and the ``(Q,)`` per-query APs (NaN where a
@@ -229,7 +247,7 @@ def revisited_map(
 ) -> dict:
     """Revisited Oxford/Paris evaluation (Radenović et al., CVPR 2018): Easy, Medium and Hard protocols.
 
-    Reproduces revisitop's ``compute_map`` and its three settings (python/example_evaluate.py):
+    Reproduces revisitop's ``compute_map`` (python/evaluate.py) and its three settings (python/example_evaluate.py):
     easy = positives ``easy``, junk ``junk + hard``; medium = positives ``easy + hard``, junk ``junk``;
     hard = positives ``hard``, junk ``junk + easy``. Queries without positives in a setting are left out of
     that setting's averages. mP@k is revisitop's: with ``p`` the 1-based junk-free ranks of the retrieved
@@ -237,15 +255,28 @@ def revisited_map(
     ``k`` is not penalised for having fewer than ``k``); a query that retrieves no positive gets 0 (revisitop
     would fail on ``max`` of an empty array).
 
+    An item that is both a positive and junk in a setting is handled as revisitop does, not as
+    :func:`average_precision` does: it is a hit at its own junk-free place, counts in the number of positives,
+    and is removed from the ranking for the positives after it (see :func:`_revisitop_hit_ranks`). Two
+    positives can then share a rank, and AP or P@k can exceed 1 (ranking ``[b, p]`` with ``b`` in both sets:
+    AP 1.25). The official lists are disjoint, so this never arises there. Other differences from revisitop:
+    an id listed twice, e.g. in both ``easy`` and ``hard`` (a Medium positive), counts once in the number of
+    positives (revisitop counts the concatenated list's length).
+
+    Ids in ``easy``/``hard`` that never occur in a ranking count as positives not retrieved: the caller gives
+    images without a database row ids ``>= N`` so that they stay in the number of positives.
+
     Args:
         ranks: ``(Q, N')`` database indices, best first (note: revisitop's own arrays are ``(N, Q)``).
-        gnd: per query, a dict with ``easy``, ``hard`` and ``junk`` index arrays (as from
-            :func:`pipeline.bench.datasets.load_revisited_gnd`).
+        gnd: per query, a dict with ``easy``, ``hard`` and ``junk`` arrays of the ids that ``ranks`` holds
+            (:class:`pipeline.bench.protocols.RevisitedProtocol` maps the ``imlist`` positions of
+            :func:`pipeline.bench.datasets.load_revisited_gnd` to corpus rows first).
         kappas: cut-offs for mP@k.
 
     Returns:
         ``{"easy": {"mAP": float, "mP@k": {k: float}}, "medium": {...}, "hard": {...}}``, fractions in
-        ``[0, 1]`` (revisitop prints them times 100); NaN when no query of a setting has positives.
+        ``[0, 1]`` save for the overlap case above (revisitop prints them times 100); NaN when no query of a
+        setting has positives.
     """
     r = _as_ranks(ranks)
     if len(gnd) != r.shape[0]:
@@ -263,10 +294,9 @@ def revisited_map(
     for setting, pairs in settings.items():
         aps, prs = [], []
         for i, (pos, jnk) in enumerate(pairs):
-            pos = np.setdiff1d(pos, jnk, assume_unique=True)  # a no-op on the official, disjoint lists
             if pos.size == 0:
                 continue
-            hits = _hit_positions(r[i], pos, jnk)
+            hits = _revisitop_hit_ranks(r[i], pos, jnk)
             aps.append(_trapezoid_ap(hits, pos.size))
             if hits.size == 0:
                 prs.append([0.0] * len(kappas))

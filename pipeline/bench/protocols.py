@@ -159,11 +159,19 @@ class OxfordProtocol(Protocol):
         return paths, None
 
     def _query_rows(self, corpus: Corpus) -> tuple[np.ndarray, dict[str, Any]]:
-        """Each query's image (by file stem); its positives and junk as corpus rows."""
+        """Each query's image (by file stem); its positives and junk as corpus rows.
+
+        A positive that failed to extract gets an id past the database (``N + k``), which no ranking holds: it
+        counts as not retrieved instead of leaving the positives (which would raise AP). A missing junk image
+        cannot appear in a ranking and is dropped. ``positives_missing`` counts such positives over all queries.
+        """
         by_id = {Path(p).stem: i for i, p in enumerate(corpus.paths)}
-        self.positives = [np.array([by_id[i] for i in q.positives if i in by_id]) for q in self.gt]
-        self.junk = [np.array([by_id[i] for i in q.junk if i in by_id]) for q in self.gt]
-        return np.array([by_id[q.image_id] for q in self.gt], dtype=np.int64), {}
+        absent = sorted({i for q in self.gt for i in q.positives} - by_id.keys())
+        ids = {**{name: len(corpus.paths) + k for k, name in enumerate(absent)}, **by_id}
+        self.positives = [np.array(sorted(ids[i] for i in q.positives), dtype=np.int64) for q in self.gt]
+        self.junk = [np.array(sorted(by_id[i] for i in q.junk if i in by_id), dtype=np.int64) for q in self.gt]
+        n_missing = sum(len(q.positives - by_id.keys()) for q in self.gt)
+        return np.array([by_id[q.image_id] for q in self.gt], dtype=np.int64), {"positives_missing": n_missing}
 
     def score(self, ranking: np.ndarray) -> dict[str, float]:
         """Oxford mAP."""
@@ -182,13 +190,30 @@ class RevisitedProtocol(Protocol):
         return [f"jpg/{i}.jpg" for i in self.gnd["imlist"]], None
 
     def _query_rows(self, corpus: Corpus) -> tuple[np.ndarray, dict[str, Any]]:
-        """Each query's image in the corpus."""
+        """Each query's image in the corpus; the ground truth moved from ``imlist`` positions to corpus rows.
+
+        gnd indices are positions in ``imlist``, while rankings hold corpus rows, which skip images that failed to
+        extract: each index is mapped through its image's path, never by position. An easy or hard image without
+        a row gets the id ``N + its imlist position``, which no ranking holds, so it counts as a positive not
+        retrieved; a missing junk image cannot appear and is dropped. ``positives_missing`` counts the easy + hard
+        entries without a row over all queries (the Medium setting's missing positives).
+        """
         row_of = {p: i for i, p in enumerate(corpus.paths)}
-        return np.array([row_of[f"jpg/{q}.jpg"] for q in self.gnd["qimlist"]], dtype=np.int64), {}
+        n_db = len(corpus.paths)
+        rows = np.array([row_of.get(f"jpg/{name}.jpg", -1) for name in self.gnd["imlist"]], dtype=np.int64)
+        pos_ids = np.where(rows >= 0, rows, n_db + np.arange(rows.size))
+        self.gnd_rows: list[dict[str, np.ndarray]] = []
+        n_missing = 0
+        for g in self.gnd["gnd"]:
+            easy, hard, junk = (np.asarray(g[k], dtype=np.int64).reshape(-1) for k in ("easy", "hard", "junk"))
+            n_missing += int(np.count_nonzero(rows[np.union1d(easy, hard)] < 0))
+            self.gnd_rows.append({"easy": pos_ids[easy], "hard": pos_ids[hard], "junk": rows[junk][rows[junk] >= 0]})
+        qrows = np.array([row_of[f"jpg/{q}.jpg"] for q in self.gnd["qimlist"]], dtype=np.int64)
+        return qrows, {"positives_missing": n_missing}
 
     def score(self, ranking: np.ndarray) -> dict[str, float]:
         """Medium mAP, with the Easy and Hard mAPs."""
-        res = ev.revisited_map(ranking, self.gnd["gnd"])
+        res = ev.revisited_map(ranking, self.gnd_rows)
         return {"score": res["medium"]["mAP"], "easy": res["easy"]["mAP"], "hard": res["hard"]["mAP"]}
 
 
