@@ -147,6 +147,25 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
     fs.pipe_file(path, data)
 
 
+def write_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Replace a whole object in one step: a reader sees the old content or the new, never a partial file.
+
+    On a local disk: a temporary sibling (flushed to disk), then ``os.replace`` (an atomic rename). On an object store a
+    single PUT already replaces the object atomically.
+    """
+    fs, path = url_to_fs(url, storage_options)
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_json(url: str, obj: Any, storage_options: dict[str, Any] | None = None) -> None:
     """Write an object as indented JSON."""
     write_bytes(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), storage_options)

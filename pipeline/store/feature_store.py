@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 
-from pipeline.io.storage import StorageError, fresh, is_local, join, read_parquet, url_to_fs, write_json
+from pipeline.io.storage import StorageError, fresh, is_local, join, read_parquet, url_to_fs, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -274,25 +274,22 @@ def _write_lease(output: str, lease: Lease, storage_options: dict[str, Any] | No
     Returns:
         False when ``exclusive`` and a lease file already exists.
     """
-    fs, root = url_to_fs(output, storage_options)
-    path = posixpath.join(root, LEASE)
     data = json.dumps(lease.as_dict(), indent=2, sort_keys=True).encode()
-    if not is_local(fs):
-        fs.pipe_file(path, data)
+    fs, root = url_to_fs(output, storage_options)
+    if not (exclusive and is_local(fs)):
+        write_atomic(join(output, LEASE), data, storage_options)
         return True
+    path = posixpath.join(root, LEASE)
     fs.makedirs(root, exist_ok=True)
     tmp = f"{path}.{lease.owner}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
-    if exclusive:
-        try:
-            os.link(tmp, path)  # fails if the path exists: two runs cannot both create it
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-        return True
-    os.replace(tmp, path)
+    try:
+        os.link(tmp, path)  # fails if the path exists: two runs cannot both create it
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
     return True
 
 

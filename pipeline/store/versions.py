@@ -18,11 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import posixpath
 import re
 import time
-import uuid
 from typing import Any
 
 from pipeline.config import MIN_KEEP  # defined with the --keep flag it bounds
@@ -107,25 +105,8 @@ def current(root: str, storage_options: dict[str, Any] | None = None) -> dict[st
 
 
 def _write_pointer(root: str, pointer: dict[str, Any], so: dict[str, Any] | None) -> None:
-    """Replace the pointer in one step: readers see the old content or the new, never a partial file.
-
-    On a local disk: write a temporary sibling, then ``os.replace`` (an atomic rename). On an object store a single
-    PUT already replaces the object atomically.
-    """
-    url = storage.join(root, POINTER)
-    data = json.dumps(pointer, indent=2, sort_keys=True).encode()
-    fs, path = storage.url_to_fs(url, so)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if "file" in protocols or "local" in protocols:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    """Replace the pointer in one step: readers see the old content or the new, never a partial file."""
+    storage.write_atomic(storage.join(root, POINTER), json.dumps(pointer, indent=2, sort_keys=True).encode(), so)
 
 
 def publish(root: str, version: str, storage_options: dict[str, Any] | None = None,
