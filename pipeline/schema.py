@@ -61,6 +61,19 @@ def regions_schema(dim: int, float16: bool = False) -> pa.Schema:
     ])
 
 
+def marker_ids_schema() -> pa.Schema:
+    """Schema of ``ids/<shard>.parquet``: the id list of one done-marker, written before the marker, sorted by
+    ``image_id`` (a data shard's images with their change fingerprints; a deletion's ids with a null fingerprint).
+
+    Returns:
+        The Arrow schema.
+    """
+    return pa.schema([
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("fingerprint", pa.string()),
+    ])
+
+
 def to_table(rows: Mapping[str, list], schema: pa.Schema) -> pa.Table:
     """Build a table from column lists and cast it to ``schema`` (vectors given as 2-D numpy arrays or lists).
 

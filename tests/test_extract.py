@@ -122,7 +122,8 @@ def _assert_exactly_once(output: str, ids: list[str], so: dict | None = None, re
 
 def _processed_ids(output: str, generation: int, so: dict | None = None) -> list[str]:
     return sorted(i for m in fstore.read_done_markers(output, so) if m["generation"] == generation
-                  and m["kind"] == "data" for i, _ in m["images"])
+                  and m["kind"] == "data"
+                  for i in fstore.read_marker_ids(fstore.marker_ids(m), so).column("image_id").to_pylist())
 
 
 class FakeModel:

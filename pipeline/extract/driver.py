@@ -56,7 +56,7 @@ def run(cfg: ExtractConfig, runner: Runner, progress_every_s: float = 10.0) -> d
     progress: Progress | None = None  # renews the lease while the runner works
     try:
         markers = prepare_output(cfg, so)
-        plan = plan_shards(records, markers, cfg.shard_size)
+        plan = plan_shards(records, markers, cfg.shard_size, so)
         log.info("input %s: %d images listed, %d already done, %d to process in %d shards, %d to delete",
                  cfg.input, len(records), plan.skipped, plan.images, len(plan.shards), len(plan.deleted))
         progress = Progress(plan, t0, progress_every_s, lease, so)
@@ -242,9 +242,9 @@ def finish(cfg: ExtractConfig, plan: Plan, done: list[dict[str, Any]], elapsed: 
     summary = summarise(done, elapsed)
     summary.update({"skipped_already_done": plan.skipped, "deleted": len(plan.deleted),
                     "planned_shards": len(plan.shards)})
-    live = fstore.live_images(fstore.read_done_markers(cfg.output, storage_options))
+    live = fstore.count_live(cfg.output, storage_options)  # shard by shard: no structure over every id
     manifest = {"config": public_dict(cfg), "model_hash": config_hash(cfg.model_config()),
-                "generation": plan.generation, "run": summary, "live_images": len(live), "versions": versions(),
+                "generation": plan.generation, "run": summary, "live_images": live, "versions": versions(),
                 "finished": fstore.now()}
     storage.write_json(storage.join(cfg.output, fstore.MANIFEST), manifest, storage_options)
     return manifest

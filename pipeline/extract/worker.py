@@ -153,11 +153,9 @@ def write_shard(output: str, shard: Shard, images_table: pa.Table, regions_table
     storage.write_parquet(paths["regions"], regions_table, storage_options)
     retry = [r.image_id for r, s in zip(shard.records, images_table.column("status").to_pylist()) if s == imgs.READ_ERROR]
     write_s = time.perf_counter() - t0
-    marker = {"shard": shard.shard_id, "generation": shard.generation, "kind": "data",
-              "images": [[r.image_id, r.fingerprint] for r in shard.records], "retry": retry,
-              "stats": {**stats, "write_s": write_s}, "finished": fstore.now()}
-    storage.write_json(paths["done"], marker, storage_options)
-    return marker
+    return fstore.write_data_marker(output, shard.shard_id, shard.generation, [r.image_id for r in shard.records],
+                                    [r.fingerprint for r in shard.records], retry, storage_options,
+                                    stats={**stats, "write_s": write_s}, finished=fstore.now())
 
 
 class ShardWorker:
