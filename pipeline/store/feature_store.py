@@ -9,18 +9,18 @@ its own (an anti-join over a few small files; see ``live_shard_refs``). Outputs 
 
 from __future__ import annotations
 
+import heapq
+import io
 import json
 import logging
 import os
 import posixpath
 import re
-import heapq
-import io
 import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc

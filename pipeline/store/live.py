@@ -3,18 +3,19 @@
 An incremental rerun writes a changed image's new row into a new shard and leaves the superseded row where it was
 (shards are immutable once their done-marker exists), so reading every file under ``images/`` or ``regions/``
 gives stale duplicates. The done-markers say which shard owns each image now; this module turns that into a file
-list and a per-file id filter, so no second copy of the corpus (a compacted snapshot) is ever written.
+list and a per-file id filter (resolved shard by shard, feature_store.iter_live_ids), or a Ray Dataset whose read
+tasks each resolve one shard (feature_store.live_shard_refs / read_live_shard). Rows superseded in bulk are
+rewritten away by pipeline.store.compact.
 """
 
 from __future__ import annotations
 
-import posixpath
 from typing import TYPE_CHECKING, Any, Sequence
 
 import pyarrow as pa
 
-from pipeline.io.storage import StorageError, url_to_fs
-from pipeline.store.feature_store import IMAGES_DIR, REGIONS_DIR, live_images, read_done_markers, shard_paths
+from pipeline.io.storage import StorageError
+from pipeline.store.feature_store import IMAGES_DIR, REGIONS_DIR, iter_live_ids, live_shard_refs, read_live_shard
 
 if TYPE_CHECKING:
     import ray.data
@@ -32,17 +33,17 @@ def live_files(features: str, kind: str = IMAGES_DIR,
         storage_options: fsspec options.
 
     Returns:
-        [(file URL, sorted live image ids in it)], in shard order; files holding no live row are left out.
+        [(file URL, sorted live image ids in it)], in shard order; files holding no live row are left out. The
+        result names every live id (O(images)); it is built shard by shard, with no other structure over all ids.
 
     Raises:
         ValueError: an unknown kind.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    by_shard: dict[str, list[str]] = {}
-    for image_id, (sid, _) in live_images(read_done_markers(features, storage_options)).items():
-        by_shard.setdefault(sid, []).append(image_id)
-    return [(shard_paths(features, sid)[kind], sorted(ids)) for sid, ids in sorted(by_shard.items())]
+    files = [(ref.shard, ref.path(kind), t.column("image_id").to_pylist())
+             for ref, t in iter_live_ids(live_shard_refs(features, storage_options), storage_options) if t.num_rows]
+    return [(url, ids) for _, url, ids in sorted(files)]
 
 
 def live_keys(features: str, kind: str = IMAGES_DIR, storage_options: dict[str, Any] | None = None) -> pa.Table:
@@ -64,8 +65,9 @@ def live_keys(features: str, kind: str = IMAGES_DIR, storage_options: dict[str, 
 
 def to_ray_dataset(features: str, kind: str = IMAGES_DIR, storage_options: dict[str, Any] | None = None,
                    columns: Sequence[str] | None = None) -> ray.data.Dataset:
-    """Exactly the live rows as a Ray Dataset: ``ray.data.read_parquet`` of the live files, each file's rows kept
-    only for the ids it owns. Reading is lazy and distributed; the driver holds only the id lists.
+    """Exactly the live rows as a Ray Dataset: one read task per done shard, each resolving that shard's live ids
+    and reading its file (``feature_store.read_live_shard``). Reading is lazy and distributed; the driver holds
+    only the refs (O(shards)), a task one shard.
 
     Args:
         features: extraction output URL (local, file://, s3://; read through the same fsspec options as the jobs).
@@ -77,30 +79,19 @@ def to_ray_dataset(features: str, kind: str = IMAGES_DIR, storage_options: dict[
         The dataset (rows in no particular order).
 
     Raises:
-        StorageError: no completed shard under ``features``.
+        StorageError: no completed shard under ``features``; ValueError: an unknown kind.
     """
-    import pyarrow.compute as pc
-    import pyarrow.fs as pafs
     import ray.data
 
-    files = live_files(features, kind, storage_options)
-    if not files:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    refs = live_shard_refs(features, storage_options)
+    if not refs:
         raise StorageError(f"no completed shards under {features}")
-    fs, _ = url_to_fs(features, storage_options)
-    paths = [url_to_fs(url, storage_options)[1] for url, _ in files]
-    # Keyed by file name: Ray's "path" column may spell the directory differently (scheme, prefix), never the name.
-    keep = {posixpath.basename(p): pa.array(ids, pa.string()) for p, (_, ids) in zip(paths, files)}
 
-    def live_only(batch: pa.Table) -> pa.Table:
-        names = batch["path"]
-        parts = []
-        for path in pc.unique(names).to_pylist():
-            part = batch.filter(pc.equal(names, path))
-            parts.append(part.filter(pc.is_in(part["image_id"], value_set=keep[posixpath.basename(path)])))
-        return (pa.concat_tables(parts) if parts else batch.slice(0, 0)).drop_columns(["path"])
+    def read(batch: dict[str, Any]) -> pa.Table:
+        # One read task per shard resolves that shard's live ids itself: the driver ships only the refs.
+        return pa.concat_tables([read_live_shard(ref, kind, columns, storage_options) for ref in batch["item"]])
 
-    cols = None if columns is None else list(dict.fromkeys(["image_id", *columns]))
-    ds = ray.data.read_parquet(paths, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), include_paths=True)
-    if cols is not None:
-        ds = ds.select_columns([*cols, "path"])  # Ray pushes the projection into the Parquet reads
-    return ds.map_batches(live_only, batch_format="pyarrow")
+    ds = ray.data.from_items(refs, override_num_blocks=len(refs))
+    return ds.map_batches(read, batch_size=1, batch_format="numpy")
