@@ -30,7 +30,7 @@ EXIT_USER_ERROR = 2
 
 # `sigregions <command>` -> the module under pipeline/commands/ whose main() runs it.
 COMMANDS = {"extract": "extract", "index": "index", "search": "search", "benchmark": "benchmark",
-            "reindex": "reindex", "train": "train_regions", "draw": "draw_regions"}
+            "reindex": "reindex", "train": "train_regions", "draw": "draw_regions", "compact": "compact"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -341,6 +341,25 @@ class BenchmarkConfig(ModelConfig, HasStorage):
         return _part(self, ModelConfig)
 
 
+@dataclass(frozen=True)
+class CompactConfig(HasStorage):
+    """`jobs/compact.py`: rewrite an extraction output's mostly superseded shards (pipeline.store.compact)."""
+
+    features: str = _opt("", "URL of an extraction output", required=True)
+    max_live_fraction: float = _opt(0.5, "rewrite shards whose live rows are at most this share of their rows")
+    shard_size: int = _opt(0, "images per new shard; 0 = the largest shard already there")
+    storage_options: str = storage_field()
+
+    def validate(self) -> None:
+        _check_finite(self)
+        if not self.features:
+            raise ConfigError("--features is required")
+        if not 0 <= self.max_live_fraction <= 1 or self.shard_size < 0:
+            raise ConfigError(f"max_live_fraction must be in [0, 1] and shard_size >= 0, got "
+                              f"{self.max_live_fraction}, {self.shard_size}")
+        self.fs_options  # noqa: B018 - parses (and caches) the options: a ConfigError now, not mid-run
+
+
 def parse_storage_options(text: str) -> dict[str, Any]:
     """Parse the JSON storage options of a config (empty -> {}).
 

@@ -60,13 +60,17 @@ def shard_paths(output: str, sid: str) -> dict[str, str]:
     }
 
 
-def _write_ids(url: str, ids: Sequence[str] | pa.Array, fingerprints: Sequence[str | None] | pa.Array | None,
+def _write_ids(url: str, ids: Sequence[str] | pa.Array | pa.ChunkedArray,
+               fingerprints: Sequence[str | None] | pa.Array | pa.ChunkedArray | None,
                storage_options: dict[str, Any] | None) -> pa.Table:
     """Write an id list sorted by image_id (row groups of IDS_ROW_GROUP); returns the sorted table."""
-    n = len(ids)
-    fps = pa.nulls(n, pa.string()) if fingerprints is None else fingerprints
-    t = pa.table({"image_id": pa.array(ids, pa.string()), "fingerprint": pa.array(fps, pa.string())},
-                 schema=marker_ids_schema())
+    def arrow(values: Any) -> pa.Array:
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        return values.cast(pa.string()) if isinstance(values, pa.Array) else pa.array(values, pa.string())
+
+    fps = pa.nulls(len(ids), pa.string()) if fingerprints is None else fingerprints
+    t = pa.table({"image_id": arrow(ids), "fingerprint": arrow(fps)}, schema=marker_ids_schema())
     t = t.sort_by("image_id")
     buf = io.BytesIO()
     pq.write_table(t, buf, compression="zstd", row_group_size=IDS_ROW_GROUP)
