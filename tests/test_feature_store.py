@@ -65,7 +65,7 @@ def _rival(w: dict[str, Any], expires_in: float) -> dict[str, Any]:
 
 
 def _live(w: dict[str, Any]) -> int:
-    return len(fstore.live_images(fstore.read_done_markers(w["output"], w["so"])))
+    return fstore.count_live(w["output"], w["so"])
 
 
 def test_a_second_run_fails_fast_while_a_live_lease_exists(where: dict[str, Any], capsys) -> None:
