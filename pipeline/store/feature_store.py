@@ -9,6 +9,7 @@ its own (an anti-join over a few small files; see ``live_shard_refs``). Outputs 
 
 from __future__ import annotations
 
+import functools
 import heapq
 import io
 import json
@@ -22,6 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -38,7 +40,7 @@ REGIONS_DIR = "regions"
 IDS_DIR = "ids"  # a marker's id list (schema.marker_ids_schema), written before the marker
 DONE_DIR = "_done"
 MARKER_FORMAT = 2  # 2: ids in ids/<shard>.parquet; markers without "format" (1) list their ids inline in the JSON
-IDS_ROW_GROUP = 65_536  # rows per row group of an id list: a range read of a long deletion list skips the others
+IDS_ROW_GROUP = 16_384  # rows per row group of an id list: a range read of a long deletion list skips the others
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 LEASE = "_LEASE.json"  # held by the one extraction writing the output (see acquire_lease)
@@ -310,6 +312,13 @@ def _marker_table(marker: dict[str, Any], storage_options: dict[str, Any] | None
     return read_marker_ids(marker_ids(marker), storage_options)
 
 
+@functools.lru_cache(maxsize=4)
+def _json_ids(url: str, options: str) -> pa.Table:
+    """A format 1 marker's ids, parsed once: every shard's resolution may read a long legacy deletion list, and a
+    marker never changes once written (shard ids carry their generation). Only older outputs pay this memory."""
+    return _inline_table(read_json(url, json.loads(options)))
+
+
 def read_marker_ids(entry: MarkerIds, storage_options: dict[str, Any] | None = None, lo: str | None = None,
                     hi: str | None = None) -> pa.Table:
     """A marker's id list, optionally only the ids in ``[lo, hi]`` (format 2 reads only the row groups whose
@@ -328,7 +337,7 @@ def read_marker_ids(entry: MarkerIds, storage_options: dict[str, Any] | None = N
     elif entry.url is None or entry.count == 0:
         return marker_ids_schema().empty_table()
     elif entry.url.endswith(".json"):
-        t = _inline_table(read_json(entry.url, storage_options))
+        t = _json_ids(entry.url, json.dumps(storage_options or {}, sort_keys=True))
     else:
         fs, path = url_to_fs(entry.url, storage_options)
         with fs.open(path, "rb") as f:
@@ -392,10 +401,11 @@ def live_shard_refs(output: str, storage_options: dict[str, Any] | None = None,
 
 
 def live_ids(ref: LiveShardRef, storage_options: dict[str, Any] | None = None,
-             _cache: dict[str, pa.Table] | None = None) -> pa.Table:
+             _cache: dict[tuple[str, int], tuple[str, Any]] | None = None) -> pa.Table:
     """The ids (and fingerprints) whose current row is in this shard.
 
-    Memory: the shard's id list plus the in-range part of each overlapping later list.
+    Memory: the shard's id list plus the in-range row groups of each overlapping later list (the later ids are
+    probed against a hash of this shard's ids only).
 
     Args:
         ref: from live_shard_refs.
@@ -405,42 +415,75 @@ def live_ids(ref: LiveShardRef, storage_options: dict[str, Any] | None = None,
         Table (``image_id``, ``fingerprint``) sorted by image_id.
     """
     own = read_marker_ids(ref.ids, storage_options)
-    dead = [pa.array(ref.ids.retry, pa.string())]
+    own_ids = own.column("image_id").combine_chunks()
+    later = [pa.array(ref.ids.retry, pa.string())]
     for e in ref.later:
-        if _cache is not None and e.kind == "data":
-            if e.shard not in _cache:
-                _cache[e.shard] = read_marker_ids(e, storage_options)
-            t = _cache[e.shard]
-            dead.append(t.column("image_id").combine_chunks())
-        else:
-            dead.append(read_marker_ids(e, storage_options, ref.ids.first, ref.ids.last)
-                        .column("image_id").combine_chunks())
-    gone = pa.concat_arrays(dead)
-    if len(gone):
-        own = own.filter(pc.invert(pc.is_in(own.column("image_id"), value_set=gone)))
+        later.extend(_later_ids(e, ref.ids.first, ref.ids.last, storage_options, _cache))
+    gone = pa.concat_arrays(later)
+    if len(gone) and len(own_ids):
+        hit = np.zeros(len(own_ids), dtype=bool)
+        hit[pc.index_in(gone, value_set=own_ids).drop_null().to_numpy()] = True
+        if hit.any():
+            own = own.filter(pa.array(~hit))
     return own.sort_by("image_id")
+
+
+def _later_ids(e: MarkerIds, lo: str | None, hi: str | None, storage_options: dict[str, Any] | None,
+               cache: dict[tuple[str, int], tuple[str, Any]] | None) -> list[pa.Array]:
+    """The ids of a later marker that may fall in ``[lo, hi]`` (whole row groups when cached).
+
+    ``cache`` (the sweep's, see iter_live_ids) maps (shard, row group) -> (its largest id, its ids), and
+    (shard, -1) -> (largest id, row-group ranges) for a Parquet list; (shard, -2) holds a whole format 1 list.
+    """
+    if cache is None:
+        return [read_marker_ids(e, storage_options, lo, hi).column("image_id").combine_chunks()]
+    if e.inline is not None or e.url is None or e.url.endswith(".json"):
+        key = (e.shard, -2)
+        if key not in cache:
+            cache[key] = (e.last or "", read_marker_ids(e, storage_options).column("image_id").combine_chunks())
+        return [cache[key][1]]
+    meta = (e.shard, -1)
+    fs = path = None
+    if meta not in cache:
+        fs, path = url_to_fs(e.url, storage_options)
+        with fs.open(path, "rb") as f:
+            md = pq.ParquetFile(f).metadata
+        ranges = []
+        for i in range(md.num_row_groups):
+            st = md.row_group(i).column(0).statistics
+            ranges.append((st.min, st.max) if st is not None and st.has_min_max else (None, None))
+        cache[meta] = (e.last or "", ranges)
+    ranges = cache[meta][1]
+    need = [i for i, (mn, mx) in enumerate(ranges)
+            if mn is None or not ((lo is not None and mx < lo) or (hi is not None and mn > hi))]
+    missing = [i for i in need if (e.shard, i) not in cache]
+    if missing:
+        if fs is None:
+            fs, path = url_to_fs(e.url, storage_options)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            for i in missing:
+                ids = pf.read_row_group(i, columns=["image_id"]).column("image_id").combine_chunks()
+                cache[(e.shard, i)] = (ranges[i][1] if ranges[i][1] is not None else e.last or "", ids)
+    return [cache[(e.shard, i)][1] for i in need]
 
 
 def iter_live_ids(refs: Sequence[LiveShardRef], storage_options: dict[str, Any] | None = None
                   ) -> Iterator[tuple[LiveShardRef, pa.Table]]:
-    """``live_ids`` of every ref, visited in order of first id so each later data shard's id list is read once
+    """``live_ids`` of every ref, visited in order of first id so each row group of a later id list is read once
     and dropped as soon as the sweep passes its last id.
 
-    Memory: the id lists of the shards whose ranges overlap the sweep position (with shards cut from sorted
-    listings, as runs and compaction cut them: about one per generation), plus one ref's resolution.
+    Memory: the later id lists' row groups whose ranges overlap the sweep position (with shards cut from sorted
+    listings, as runs and compaction cut them: about one shard per generation, and one row group per deletion
+    list), plus one ref's resolution; never a structure over every id.
 
     Yields:
         (ref, its live ids table), every ref once (also those with no live row).
     """
-    cache: dict[str, pa.Table] = {}
-    lasts: dict[str, str] = {}
+    cache: dict[tuple[str, int], tuple[str, Any]] = {}
     for ref in sorted(refs, key=lambda r: (r.ids.first, r.shard)):  # type: ignore[arg-type, return-value]
-        for sid in [s for s, last in lasts.items() if last < ref.ids.first]:  # type: ignore[operator]
-            cache.pop(sid, None)
-            del lasts[sid]
-        for e in ref.later:
-            if e.kind == "data":
-                lasts[e.shard] = e.last  # type: ignore[assignment]
+        for key in [k for k, (last, _) in cache.items() if last < ref.ids.first]:  # type: ignore[operator]
+            del cache[key]  # the sweep is past it: no later ref can overlap it
         yield ref, live_ids(ref, storage_options, cache)
 
 
