@@ -84,7 +84,10 @@ def plan_shards(records: Sequence[listing.ImageRecord], markers: Sequence[dict[s
             continue
         ids = live.column("image_id").to_numpy(zero_copy_only=False)
         fps = live.column("fingerprint").to_numpy(zero_copy_only=False)
-        pos = np.searchsorted(rid, ids) if n else np.zeros(len(ids), dtype=np.int64)
+        # Within the listing's slice between the shard's first and last live id: fewer, cache-local compares.
+        lo = int(np.searchsorted(rid, ids[0]))
+        hi = int(np.searchsorted(rid, ids[-1], side="right"))
+        pos = lo + np.searchsorted(rid[lo:hi], ids)
         found = pos < n
         found[found] = rid[pos[found]] == ids[found]
         same = found.copy()
