@@ -41,6 +41,7 @@ IDS_DIR = "ids"  # a marker's id list (schema.marker_ids_schema), written before
 DONE_DIR = "_done"
 MARKER_FORMAT = 2  # 2: ids in ids/<shard>.parquet; markers without "format" (1) list their ids inline in the JSON
 IDS_ROW_GROUP = 16_384  # rows per row group of an id list: a range read of a long deletion list skips the others
+_SHARD_ORDER_CACHE = 64  # id-list row groups iter_live_shards keeps at most (16k ids each at most)
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 LEASE = "_LEASE.json"  # held by the one extraction writing the output (see acquire_lease)
@@ -526,7 +527,7 @@ def iter_live_shards(output: str, storage_options: dict[str, Any] | None = None,
     """Stream the live rows of an extraction, one done shard at a time (the driver never holds the whole corpus).
 
     Each shard is resolved on its own (``live_shard_refs`` + ``read_live_shard``): memory is one shard's data
-    plus its resolution, whatever the number of images.
+    plus its resolution and at most 64 cached row groups of later id lists, whatever the number of images.
 
     Args:
         output: extraction output URL.
@@ -539,8 +540,15 @@ def iter_live_shards(output: str, storage_options: dict[str, Any] | None = None,
         currently owns.
     """
     columns = columns or {IMAGES_DIR: None, REGIONS_DIR: None}
+    # Consecutive shards of a generation cover consecutive id ranges, so they share the later lists' row groups:
+    # keep those read, dropping the ones the shard order has passed, and all of them past a small cap.
+    cache: dict[tuple[str, int], tuple[str, Any]] = {}
     for ref in live_shard_refs(output, storage_options):
-        keep = live_ids(ref, storage_options)
+        for key in [k for k, (last, _) in cache.items() if last < ref.ids.first]:  # type: ignore[operator]
+            del cache[key]
+        if len(cache) > _SHARD_ORDER_CACHE:
+            cache.clear()
+        keep = live_ids(ref, storage_options, cache)
         if not keep.num_rows:
             continue
         yield {kind: read_live_shard(ref, kind, cols, storage_options, keep) for kind, cols in columns.items()}
