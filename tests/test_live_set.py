@@ -120,7 +120,8 @@ def test_markers_keep_ids_in_parquet_sorted_with_their_range(tmp_path: Path) -> 
     assert "images" not in on_disk and on_disk["format"] == fstore.MARKER_FORMAT
     assert (on_disk["count"], on_disk["first"], on_disk["last"], on_disk["retry"]) == (3, "a", "c", ["b"])
     t = storage.read_parquet(fstore.shard_paths(out, "g00001-000000")["ids"])
-    assert t.column("image_id").to_pylist() == ["a", "b", "c"] and t.column("fingerprint").to_pylist() == ["1", "2", "3"]
+    assert t.column("image_id").to_pylist() == ["a", "b", "c"]
+    assert t.column("fingerprint").to_pylist() == ["1", "2", "3"]
     assert m["_ids_url"] == fstore.shard_paths(out, "g00001-000000")["ids"]
     d = fstore.write_deletions(out, 2, [f"x{i:07d}" for i in range(3 * fstore.IDS_ROW_GROUP // 2)])
     entry = fstore.marker_ids({**d})

@@ -1,8 +1,8 @@
 """The feature store an extraction writes: shard layout, done-markers (data first, marker last), the live set.
 
 The live set (which shard holds each image's current row) is resolved per shard, never as one structure over every id:
-a marker's id list is a sorted Parquet file (``ids/<shard>.parquet``, written before the marker) and the marker records
-its first and last id, so a shard's live rows are its ids minus the ids of the later markers whose id range overlaps
+a marker's id list is a sorted Parquet file (``ids/<shard>.parquet``, written before the marker) and the marker
+records its first and last id, so a shard's live rows are its ids minus the ids of the later markers whose id range overlaps
 its own (an anti-join over a few small files; see ``live_shard_refs``). Outputs written with the earlier JSON markers
 (ids inline) are read the same way.
 """
@@ -227,7 +227,7 @@ def remove_orphans(output: str, markers: Sequence[dict[str, Any]], storage_optio
     return removed
 
 
-# ---- the live set, shard by shard -----------------------------------------------------------------------------------
+# ---- the live set, shard by shard ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
