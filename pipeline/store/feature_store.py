@@ -1,10 +1,10 @@
 """The feature store an extraction writes: shard layout, done-markers (data first, marker last), the live set.
 
-The live set (which shard holds each image's current row) is resolved per shard, never as one structure over every id:
-a marker's id list is a sorted Parquet file (``ids/<shard>.parquet``, written before the marker) and the marker
-records its first and last id, so a shard's live rows are its ids minus the ids of the later markers whose id range overlaps
-its own (an anti-join over a few small files; see ``live_shard_refs``). Outputs written with the earlier JSON markers
-(ids inline) are read the same way.
+The live set (which shard holds each image's current row) is resolved per shard, never as one structure over every
+id: a marker's id list is a sorted Parquet file (``ids/<shard>.parquet``, written before the marker) and the marker
+records its first and last id, so a shard's live rows are its ids minus the ids of the later markers whose id range
+overlaps its own (an anti-join over a few small files; see ``live_shard_refs``). Outputs written with the earlier JSON
+markers (ids inline) are read the same way.
 """
 
 from __future__ import annotations
