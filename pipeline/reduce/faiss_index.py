@@ -153,6 +153,16 @@ def new_index(d: int, factory: str) -> faiss.Index:
     return index
 
 
+def is_ivf(index: faiss.Index) -> bool:
+    """Whether an index is IVF-based (its inverted lists can be merged on disk)."""
+    return faiss.try_extract_index_ivf(index) is not None
+
+
+def is_flat(index: faiss.Index) -> bool:
+    """Whether an index is a plain exact ``Flat`` index (partial indexes merge by concatenation)."""
+    return isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+
+
 def build_index(
     x: np.ndarray,
     factory: str,
