@@ -156,6 +156,17 @@ def _train(cfg: IndexConfig, shards: list[str], w: layout.IndexWriter) -> tuple[
     return plan, rec
 
 
+def _shift_ids(index: Any, row0: int) -> None:
+    """Add ``row0`` to every id of an in-memory IVF index's lists (a task's part has ids from 0)."""
+    import faiss
+
+    inv = faiss.extract_index_ivf(index).invlists
+    for lst in range(inv.nlist):
+        n = inv.list_size(lst)
+        if n:
+            faiss.rev_swig_ptr(inv.get_ids(lst), n)[:] += row0  # a view of the list's ids, changed in place
+
+
 def _merge_index(plan: tk.Plan, space: str, parts: list[dict[str, Any]], w: layout.IndexWriter, tmp: str,
                  cfg: IndexConfig) -> Any:
     """Merge the tasks' partial indexes of a space into the published one; returns it (for the recall check).
@@ -174,11 +185,14 @@ def _merge_index(plan: tk.Plan, space: str, parts: list[dict[str, Any]], w: layo
         local = []
         for m in parts:
             p = os.path.join(tmp, f"{m['shard']}.{space}.faiss")
-            fs, path = storage.url_to_fs(plan.part_url(m["shard"], f"{space}.faiss"), so)
-            fs.get_file(path, p)  # streamed to local disk: faiss memory-maps only local files
+            part = fx.index_from_bytes(storage.read_bytes(plan.part_url(m["shard"], f"{space}.faiss"), so))
+            _shift_ids(part, m["row0"])
+            faiss.write_index(part, p)  # local disk: merge_ondisk memory-maps the parts
+            del part
             local.append(p)
         ivfdata = os.path.join(tmp, layout.IVFDATA[name])
-        merge_ondisk(trained, local, ivfdata, shift_ids=True)
+        # Not merge_ondisk(shift_ids=True): in faiss 1.15 it shifts the third and later parts wrongly.
+        merge_ondisk(trained, local, ivfdata)
         fx.set_search_params(trained, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
         faiss.write_index(trained, os.path.join(tmp, name))
         for p in local:
