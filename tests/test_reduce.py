@@ -198,12 +198,16 @@ def test_killed_task_then_rerun_gives_the_same_index(tiny_features, tmp_path, mo
         _build(tiny_features["features"], out)
     with pytest.raises(storage.StorageError, match="no finished index"):
         Searcher(out)
-    ran = []
-    monkeypatch.setattr(tk, "reduce_shard", lambda task, plan: ran.append(task[1]) or real(task, plan))
+    monkeypatch.setattr(tk, "reduce_shard", real)
+    written = []
+    real_json = storage.write_json
+    monkeypatch.setattr(storage, "write_json", lambda url, obj, so=None: written.append(url) or real_json(url, obj, so))
     got = _build(tiny_features["features"], out)
     assert got["files"] == want["files"]  # byte-identical published files (sizes and sha256)
     assert got["parts"] == want["parts"]
-    assert len(ran) == len(calls)  # every task asked again; the finished one returned its marker at once
+    redone = [u.rsplit("/", 1)[-1][:-len(".json")] for u in written if "/_work/parts/" in u]
+    assert calls[0] not in redone and calls[1] in redone  # the finished task was not run again; the killed one was
+    assert not any(u.endswith("/_work/plan.json") for u in written)  # nor the sample, PCA and training
 
 
 @pytest.mark.slow
