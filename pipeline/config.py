@@ -200,7 +200,7 @@ class IndexConfig(HasStorage):
     region_codec: str = _opt("int8", "codec of the region store (re-ranking)", choices=("int8", "float16"))
     recall_queries: int = _opt(500, "corpus images sampled as queries to measure recall@10 against exact search")
     workers: int = _opt(0, "index-build tasks running at once on Ray (0 = the cluster's CPUs)")
-    in_process: bool = _opt(False, "run the build's tasks in this process without Ray (small corpora, debugging)")
+    in_process: bool = _like(ExtractConfig, "in_process")  # the build's tasks in this process (small corpora, tests)
     storage_options: str = storage_field()
 
     def validate(self) -> None:
@@ -251,6 +251,9 @@ class ReindexConfig(ModelConfig, HasStorage):
     memory_budget_gb: float = _like(IndexConfig, "memory_budget_gb")
     nprobe: int = _like(IndexConfig, "nprobe")
     ef_search: int = _like(IndexConfig, "ef_search")
+    region_codec: str = _like(IndexConfig, "region_codec")
+    recall_queries: int = _like(IndexConfig, "recall_queries")
+    workers: int = _like(IndexConfig, "workers")
     # The root's.
     root: str = _opt("", "root URL: features/, versions/ and the CURRENT pointer live under it", required=True)
     keep: int = _opt(3, f"complete index versions kept (>= {MIN_KEEP}); older ones are deleted")
