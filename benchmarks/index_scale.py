@@ -137,7 +137,7 @@ def gen(root: str, n: int, shard: int, seed: int = 0) -> str:
 def _time_v(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     """Run under /usr/bin/time -v: (peak RSS MB, wall s, stdout)."""
     t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, check=False)
     wall = time.perf_counter() - t0
     if p.returncode:
         raise RuntimeError(f"{cmd} failed: {p.stderr[-3000:]}")
@@ -180,7 +180,7 @@ def scale(a: argparse.Namespace) -> None:
             if w == 0:
                 cmd = [*cmd[:-2], "--in-process"]
             rss, wall, _ = _time_v(cmd, env)
-            m = json.load(open(os.path.join(out, "_SUCCESS.json")))
+            m = json.loads(Path(out, "_SUCCESS.json").read_text())
             # Under /usr/bin/time too: a child forked from this (large) process would report this process's peak as
             # its own ru_maxrss (Linux keeps the pre-exec high-water mark).
             srss, _, sout = _time_v([sys.executable, "-c", SEARCH_PROBE, out, str(a.queries)], env)
@@ -193,7 +193,7 @@ def scale(a: argparse.Namespace) -> None:
             print(json.dumps(rows[-1]), flush=True)
             if not a.keep:
                 subprocess.run(["rm", "-rf", out], check=True)
-    print(f"\nload average {open('/proc/loadavg').read().split()[:3]}")
+    print(f"\nload average {Path('/proc/loadavg').read_text().split()[:3]}")
     cols = ["images", "workers", "driver_rss_mb", "task_rss_mb", "wall_s", "images_per_s", "factory", "recall@10",
             "search_rss_mb", "qps"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))

@@ -114,7 +114,7 @@ def test_ivf_index_on_s3_round_trip(tiny_features, tmp_path, s3_server, s3_bucke
     import numpy as np
 
     so = s3_server
-    kw = dict(features=tiny_features["features"], pca_dim=16, factory="IVF2,SQ8", nprobe=2, in_process=True)
+    kw = {"features": tiny_features["features"], "pca_dim": 16, "factory": "IVF2,SQ8", "nprobe": 2, "in_process": True}
     rd.build(IndexConfig(output=f"s3://{s3_bucket}/ivf", storage_options=json.dumps(so), **kw))
     local = str(tmp_path / "local")
     rd.build(IndexConfig(output=local, **kw))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import posixpath
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
