@@ -298,10 +298,17 @@ def build(cfg: IndexConfig, runner: TaskRunner | None = None) -> dict[str, Any]:
         "driver_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "seconds": {"train": round(t1 - t0, 3), "tasks": round(t2 - t1, 3), "merge": round(t3 - t2, 3)},
         "finished": fstore.now()})
-    # The intermediate state only served resuming; a published index does not need it.
-    fs, work = storage.url_to_fs(plan.work, so)
+    # The intermediate state only served resuming; a published index does not need it. Parts of an earlier build into
+    # this folder that this one did not write (shards gone since) are not in the marker: removed too.
+    fs, root = storage.url_to_fs(cfg.output, so)
+    for sub in (layout.IDS_DIR, layout.REGIONS_DIR):
+        d = f"{root.rstrip('/')}/{sub}"
+        storage.fresh(fs, d)
+        for p in fs.find(d) if fs.exists(d) else []:
+            if f"{sub}/{p.rsplit('/', 1)[-1]}" not in marker["files"]:
+                fs.rm_file(p)
     try:
-        fs.rm(work, recursive=True)
+        fs.rm(f"{root.rstrip('/')}/{layout.WORK_DIR}", recursive=True)
     except FileNotFoundError:
         pass
     return marker
