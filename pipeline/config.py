@@ -197,10 +197,16 @@ class IndexConfig(HasStorage):
     memory_budget_gb: float = _opt(8.0, "memory budget for each index, GiB")
     nprobe: int = _opt(32, "IVF lists visited per query (saved in the index)")
     ef_search: int = _opt(128, "HNSW search queue size (saved in the index)")
+    region_codec: str = _opt("int8", "codec of the region store (re-ranking)", choices=("int8", "float16"))
+    recall_queries: int = _opt(500, "corpus images sampled as queries to measure recall@10 against exact search")
+    workers: int = _opt(0, "index-build tasks running at once on Ray (0 = the cluster's CPUs)")
+    in_process: bool = _like(ExtractConfig, "in_process")  # the build's tasks in this process (small corpora, tests)
     storage_options: str = storage_field()
 
     def validate(self) -> None:
         _check_finite(self)
+        if self.recall_queries < 1 or self.workers < 0:
+            raise ConfigError("recall_queries must be >= 1 and workers >= 0")
         if not self.features or not self.output:
             raise ConfigError("--features and --output are required")
         if self.pca_dim < 1 or self.pca_sample < 1 or self.memory_budget_gb <= 0 or self.local_weight < 0 \
@@ -245,6 +251,9 @@ class ReindexConfig(ModelConfig, HasStorage):
     memory_budget_gb: float = _like(IndexConfig, "memory_budget_gb")
     nprobe: int = _like(IndexConfig, "nprobe")
     ef_search: int = _like(IndexConfig, "ef_search")
+    region_codec: str = _like(IndexConfig, "region_codec")
+    recall_queries: int = _like(IndexConfig, "recall_queries")
+    workers: int = _like(IndexConfig, "workers")
     # The root's.
     root: str = _opt("", "root URL: features/, versions/ and the CURRENT pointer live under it", required=True)
     keep: int = _opt(3, f"complete index versions kept (>= {MIN_KEEP}); older ones are deleted")

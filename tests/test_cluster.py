@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -288,6 +289,10 @@ def test_jobs_end_to_end_through_ray_job_submit(cluster: LocalCluster, tmp_path:
     _check(cluster.submit(["python", "jobs/index.py", "--features", str(features), "--output", str(index)]), "index")
     done = json.loads((index / "_SUCCESS.json").read_text())
     assert done["images"] == 80 and done["regions"] == 80 * 3
+    # One Ray task per feature shard built the parts (the head has no CPUs: on the workers); the exact index finds
+    # every recall query's true top 10.
+    assert done["tasks"]["count"] == len(done["parts"]) == len(list((features / "_done").glob("*.json")))
+    assert done["recall"]["fused"]["value"] == 1.0 and not (index / "_work").exists()
 
     out = _check(cluster.submit(["python", "jobs/benchmark.py", "--dataset", "data/caltech8", "--protocol", "labels",
                                  "--features", str(features), "--report", str(report),
@@ -316,7 +321,8 @@ def test_scheduled_reindex_through_ray_job_submit(cluster: LocalCluster, tmp_pat
     assert pointer is not None and pointer["images"] == 8
     assert (root / pointer["path"] / "_SUCCESS.json").exists()
     searcher = Searcher(publish.resolve_index(str(root)), model=object())  # what jobs/search.py --index <root> opens
-    assert sorted(searcher.ids) == sorted(str(p.relative_to(images)) for p in images.rglob("*.jpg"))
+    ids = [i for i, _ in searcher.resolve(np.arange(int(searcher.meta["images"])))]
+    assert sorted(ids) == sorted(str(p.relative_to(images)) for p in images.rglob("*.jpg"))
 
 
 def test_extraction_survives_losing_a_node(cluster: LocalCluster, tmp_path: Path) -> None:

@@ -45,17 +45,26 @@ def _recall(approx: np.ndarray, exact: np.ndarray) -> float:
         (1_000, 256, 1 << 30, "Flat"),  # fits, small
         (200_000, 256, 1 << 30, "Flat"),  # at the exact-search size limit
         (5_000, 4096, 1 << 20, "Flat"),  # over budget but too small to train PQ
-        (300_000, 256, 1 << 30, "HNSW32"),  # too many rows for Flat, graph fits
-        (100_000, 256, 64 << 20, "IVF1024,PQ32"),  # over budget: 4*sqrt(1e5)=1265 -> 1024
-        (1_000_000, 256, 100 << 20, "IVF4096,PQ32"),  # 4000 -> 4096
-        (1_000_000, 2048, 100 << 20, "IVF4096,PQ64"),  # m capped at 64
-        (1_000_000, 96, 10 << 20, "IVF4096,PQ12"),  # 12 divides 96 with 8 dims each
-        (20_000, 256, 1 << 20, "IVF512,PQ32"),  # 4*sqrt(2e4)=566 -> 512 (<= 20000 // 39)
-        (10_000, 256, 1 << 20, "IVF256,PQ32"),  # 400 -> 512, halved to 256 for 39 points/list
+        (300_000, 256, 1 << 30, "IVF2048,SQ8"),  # too many rows for Flat: 4*sqrt(3e5)=2191 -> 2048
+        (100_000, 256, 64 << 20, "IVF1024,SQ8"),  # over budget: 4*sqrt(1e5)=1265 -> 1024
+        (1_000_000, 256, 100 << 20, "IVF4096,SQ8"),  # 4000 -> 4096
+        (20_000, 256, 1 << 20, "IVF512,SQ8"),  # 4*sqrt(2e4)=566 -> 512 (<= 20000 // 39)
+        (10_000, 256, 1 << 20, "IVF256,SQ8"),  # 400 -> 512, halved to 256 for 39 points/list
     ],
 )
 def test_choose_factory(n, d, budget, expected):
     assert choose_factory(n, d, budget) == expected
+
+
+def test_chosen_compressed_factory_reaches_recall():
+    """The factory the size rule picks past Flat keeps recall@10 >= 0.95 against exact search at the saved nprobe."""
+    x, q = _clustered(12_000, 64, 30, 200, seed=5)
+    factory = choose_factory(len(x), 64, 1 << 10)
+    assert factory == "IVF256,SQ8"
+    index = build_index(x, factory)
+    set_search_params(index, nprobe=32)
+    exact = build_index(x, "Flat")
+    assert _recall(search(index, q, 10)[1], search(exact, q, 10)[1]) >= 0.95
 
 
 def test_choose_factory_rejects_empty():
@@ -97,9 +106,7 @@ def test_ivf_recall_against_exact():
 
 def test_ivfpq_builds_and_searches():
     x, q = _clustered(12_000, 64, 30, 20, seed=3)
-    factory = choose_factory(len(x), 64, 1 << 10)
-    assert factory.startswith("IVF") and ",PQ" in factory
-    index = build_index(x, factory, train_sample=5_000)
+    index = build_index(x, "IVF256,PQ8", train_sample=5_000)
     assert index.is_trained and index.ntotal == len(x)
     assert not faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training  # would cost ~40 s for nothing
     set_search_params(index, nprobe=8)

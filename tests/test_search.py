@@ -65,3 +65,71 @@ def test_query_model_follows_the_index_and_old_indexes_mean_one_scale(tiny_featu
     old = Searcher(tiny_index)
     del old.meta["model"]["region_scales"]  # as written before region pyramids existed
     assert old.model.scales == (1.0,)
+
+
+def test_rerank_reads_only_the_candidates_and_equals_the_whole_store(tiny_features, tiny_index, monkeypatch):
+    """Searcher.rerank fetches the top-N's regions (RegionStore.fetch) and ranks as rerank_top over the whole
+    store (every part fetched) does."""
+    import numpy as np
+
+    from pipeline.retrieval.rerank import rerank_top
+
+    s = Searcher(tiny_index)
+    n = int(s.meta["images"])
+    everything = s.regions.fetch(np.arange(n))  # the reference: the whole store, decoded
+    rng = np.random.default_rng(0)
+    qg = rng.standard_normal((3, everything.desc.shape[1])).astype(np.float32)
+    ids = np.stack([rng.permutation(n)[:8] for _ in range(3)])
+    ids[2, -2:] = -1  # faiss padding
+    scores = -np.sort(-rng.random((3, 8)).astype(np.float32), axis=1)
+    asked = []
+    real = s.regions.fetch
+    monkeypatch.setattr(s.regions, "fetch", lambda rows: asked.append(np.array(rows)) or real(rows))
+    got_ids, got_sc = s.rerank(qg, ids, scores, 5)
+    ref_ids, ref_sc = rerank_top(qg, ids, scores, everything.desc, everything.offsets, 5)
+    np.testing.assert_array_equal(got_ids, ref_ids)
+    np.testing.assert_allclose(got_sc, ref_sc, atol=1e-6)
+    assert len(asked) == 1 and sorted(asked[0].tolist()) == sorted(ids[:, :5].ravel().tolist())
+
+
+def test_resolve_reads_the_id_parts_of_its_rows(tiny_features, tiny_index):
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from pipeline.store import feature_store as fstore
+
+    s = Searcher(tiny_index)
+    t = fstore.read_live_table(tiny_features["features"], "images")
+    t = t.filter(pc.equal(t.column("status"), "ok"))
+    want = list(zip(t.column("image_id").to_pylist(), t.column("uri").to_pylist()))
+    rows = np.array([len(want) - 1, 0, 11, 11])
+    assert s.resolve(rows) == [want[i] for i in rows]
+    with pytest.raises(IndexError):
+        s.resolve(np.array([len(want)]))
+
+
+def test_ivf_index_on_s3_round_trip(tiny_features, tmp_path, s3_server, s3_bucket):
+    """An IVF index built into S3 (on-disk inverted lists uploaded with streamed checksums) is downloaded to a local
+    cache, memory-mapped and answers as the same build on local disk; its regions are fetched by ranged reads."""
+    import numpy as np
+
+    so = s3_server
+    kw = {"features": tiny_features["features"], "pca_dim": 16, "factory": "IVF2,SQ8", "nprobe": 2, "in_process": True}
+    rd.build(IndexConfig(output=f"s3://{s3_bucket}/ivf", storage_options=json.dumps(so), **kw))
+    local = str(tmp_path / "local")
+    rd.build(IndexConfig(output=local, **kw))
+    remote, near = Searcher(f"s3://{s3_bucket}/ivf", so, cache_dir=str(tmp_path / "cache")), Searcher(local)
+    rng = np.random.default_rng(0)
+    outs = [{k: rng.standard_normal(d).astype(np.float32) for k, d in
+             (("global", 1280), ("local", 1280), ("crow", 1280), ("gem", 1280))} for _ in range(2)]
+    dims = {k: len(v) for k, v in outs[0].items()}
+    if near.pca["fused"].mean.shape[0] != dims["global"] + dims["local"]:  # the tiny model's dims
+        g = near.pca["fused"].mean.shape[0] // 2
+        c = near.pca["crow"].mean.shape[0]
+        outs = [{"global": o["global"][:g], "local": o["local"][:g], "crow": o["crow"][:c], "gem": o["gem"][:c]}
+                for o in outs]
+    a = remote.search_vectors(outs, top_k=5, rerank=5)
+    b = near.search_vectors(outs, top_k=5, rerank=5)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+    assert remote.resolve(a[0][0]) == near.resolve(b[0][0])

@@ -1,8 +1,9 @@
-"""Build PCA + faiss indexes and the region store from an extraction's Parquet features.
+"""Build PCA + faiss indexes and the region store from an extraction's Parquet features (one task per feature shard).
 
 examples:
   sigregions index --features s3://bucket/features/run1 --output s3://bucket/index/run1
-  ray job submit --working-dir . -- python jobs/index.py --features ... --output ...
+  ray job submit --working-dir . -- python jobs/index.py --features ... --output ... --workers 8
+  sigregions index --in-process --features runs/small/features --output runs/small/index
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def index(cfg: IndexConfig) -> int:
         The exit code.
     """
     marker = build(cfg)
-    print(json.dumps({k: marker[k] for k in ("images", "regions", "factory", "dims", "seconds")}, indent=2))
+    print(json.dumps({k: marker[k] for k in ("images", "regions", "factory", "dims", "recall", "seconds")}, indent=2))
     return 0
 
 

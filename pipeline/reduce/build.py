@@ -1,8 +1,15 @@
-"""The reduce stage: stream an extraction's Parquet, fit PCA, build faiss indexes and the region store, publish."""
+"""The index job's driver: sample -> PCA -> trained indexes, one task per feature shard (runner), merge, publish."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
+import os
+import resource
+import shutil
+import tempfile
 import time
 from typing import Any, Iterator
 
@@ -14,7 +21,9 @@ from pipeline.config import IndexConfig, public_dict
 from pipeline.io import images as imgs
 from pipeline.io import storage
 from pipeline.reduce import faiss_index as fx
-from pipeline.reduce.pca import PCA, fuse, l2n
+from pipeline.reduce import task as tk
+from pipeline.reduce.pca import PCA, l2n
+from pipeline.reduce.runners import TaskRunner, make_task_runner
 from pipeline.schema import column_to_numpy
 from pipeline.store import feature_store as fstore
 from pipeline.store import index_store as layout
@@ -25,9 +34,7 @@ log = logging.getLogger(__name__)
 IMAGE_COLUMNS = ["image_id", "uri", "status", "global", "local", "crow", "gem"]
 
 
-def fused_vectors(t: pa.Table, local_weight: float) -> np.ndarray:
-    """The paper's fused vector before PCA (2.4): concat(L2(global), w * L2(local))."""
-    return fuse(column_to_numpy(t, "global"), column_to_numpy(t, "local"), local_weight)
+fused_vectors = tk.fused_vectors
 
 
 def _ok_shards(features: str, so: dict[str, Any], regions: bool = True) -> Iterator[tuple[pa.Table, pa.Table | None]]:
@@ -87,78 +94,222 @@ def _reservoir(features: str, so: dict[str, Any], size: int, local_weight: float
     return fused_s[:n], crow_s[:n], seen  # type: ignore[index]
 
 
-def build(cfg: IndexConfig) -> dict[str, Any]:
-    """Build the index artifacts of an extraction and publish them with a done-marker last.
+def _plan_key(cfg: IndexConfig, shards: list[str]) -> str:
+    """The identity of a build's plan: its config (but where tasks run) and the extraction's done shards."""
+    conf = {k: v for k, v in public_dict(cfg).items() if k not in ("in_process", "workers", "output")}
+    return hashlib.sha256(json.dumps({"config": conf, "shards": shards}, sort_keys=True).encode()).hexdigest()
 
-    Two passes over the features, each shard by shard: (1) a reservoir sample fits PCA for the fused vector and for
-    CroW; (2) every image is projected and added to the faiss indexes, and its region descriptors appended to the
-    region store. The driver holds the indexes, the id map and the region store, never the raw corpus.
+
+def _train(cfg: IndexConfig, shards: list[str], w: layout.IndexWriter) -> tuple[tk.Plan, dict[str, Any]]:
+    """Sample, fit PCA, choose and train the indexes, pick the recall queries; written under ``_work`` with
+    ``plan.json`` last. A rerun of the same plan (same config and shards) reads them back instead.
+
+    Returns:
+        (the plan, its record: factories, dims, sampled images, seconds).
+    """
+    so = cfg.fs_options
+    key = _plan_key(cfg, shards)
+    plan = tk.Plan(cfg.features, cfg.output, so, tuple(shards), cfg.local_weight, cfg.region_codec, key)
+    plan_url = storage.join(plan.work, "plan.json")
+    try:
+        rec = storage.read_json(plan_url, so)
+        if rec.get("key") == key:
+            for name, entry in rec["files"].items():
+                w.record(name, entry)
+            log.info("resuming the build of plan %s", key[:12])
+            return plan, rec
+    except (FileNotFoundError, ValueError):
+        pass
+    t0 = time.perf_counter()
+    fused_s, crow_s, n = _reservoir(cfg.features, so, cfg.pca_sample, cfg.local_weight)
+    sample = {"fused": fused_s, "crow": crow_s}
+    del fused_s, crow_s
+    budget = int(cfg.memory_budget_gb * 2**30)
+    rng = np.random.default_rng(0)
+    n_q = min(cfg.recall_queries, len(sample["fused"]))
+    qrows = np.sort(rng.choice(len(sample["fused"]), size=n_q, replace=False))
+    rec: dict[str, Any] = {"key": key, "images_sampled": n, "factory": {}, "dims": {}}
+    queries = {}
+    for s in tk.SPACES:
+        pca = PCA.fit(sample[s], cfg.pca_dim, whiten=cfg.whiten)
+        w.write(tk.PCA_FILE[s], pca.to_bytes())
+        x = pca.transform(sample[s])
+        sample[s] = None  # type: ignore[assignment]  # the raw sample is no longer needed
+        fact = cfg.factory or fx.choose_factory(n, pca.dim, budget)
+        index = fx.new_index(pca.dim, fact)
+        if not (fx.is_flat(index) or fx.is_ivf(index)):
+            raise ValueError(f"factory {fact!r}: the distributed build merges Flat or IVF indexes only")
+        if not index.is_trained:
+            index.train(x)
+        fx.set_search_params(index, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+        storage.write_bytes(plan.trained_url(s), fx.index_bytes(index), so)
+        queries[s] = x[qrows]
+        rec["factory"][s], rec["dims"][s] = fact, pca.dim
+    buf = io.BytesIO()
+    np.savez(buf, **queries)
+    storage.write_bytes(storage.join(plan.work, "recall.npz"), buf.getvalue(), so)
+    rec["files"] = {name: w.files[name] for name in tk.PCA_FILE.values()}
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    storage.write_json(plan_url, rec, so)
+    log.info("%d images; indexes %s", n, rec["factory"])
+    return plan, rec
+
+
+def _shift_ids(index: Any, row0: int) -> None:
+    """Add ``row0`` to every id of an in-memory IVF index's lists (a task's part has ids from 0)."""
+    import faiss
+
+    inv = faiss.extract_index_ivf(index).invlists
+    for lst in range(inv.nlist):
+        n = inv.list_size(lst)
+        if n:
+            faiss.rev_swig_ptr(inv.get_ids(lst), n)[:] += row0  # a view of the list's ids, changed in place
+
+
+def _merge_index(plan: tk.Plan, space: str, parts: list[dict[str, Any]], w: layout.IndexWriter, tmp: str,
+                 cfg: IndexConfig) -> Any:
+    """Merge the tasks' partial indexes of a space into the published one; returns it (for the recall check).
+
+    IVF indexes: faiss's on-disk inverted lists (``faiss.contrib.ondisk.merge_ondisk``): the partial indexes are
+    memory-mapped and their lists written to ``<space>.ivfdata``, so the driver holds one list at a time, and a
+    search memory-maps it. Flat indexes (chosen only while their vectors fit ``--memory-budget-gb``): in memory.
+    """
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    so = plan.so
+    trained = fx.index_from_bytes(storage.read_bytes(plan.trained_url(space), so))
+    name = tk.INDEX_FILE[space]
+    if fx.is_ivf(trained):
+        local = []
+        for m in parts:
+            p = os.path.join(tmp, f"{m['shard']}.{space}.faiss")
+            part = fx.index_from_bytes(storage.read_bytes(plan.part_url(m["shard"], f"{space}.faiss"), so))
+            _shift_ids(part, m["row0"])
+            faiss.write_index(part, p)  # local disk: merge_ondisk memory-maps the parts
+            del part
+            local.append(p)
+        ivfdata = os.path.join(tmp, layout.IVFDATA[name])
+        # Not merge_ondisk(shift_ids=True): in faiss 1.15 it shifts the third and later parts wrongly.
+        merge_ondisk(trained, local, ivfdata)
+        fx.set_search_params(trained, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+        faiss.write_index(trained, os.path.join(tmp, name))
+        for p in local:
+            os.remove(p)
+        w.put_file(layout.IVFDATA[name], ivfdata)
+        w.put_file(name, os.path.join(tmp, name))
+        return faiss.read_index(os.path.join(tmp, name), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    for m in parts:
+        trained.merge_from(fx.index_from_bytes(storage.read_bytes(plan.part_url(m["shard"], f"{space}.faiss"), so)))
+    w.write(name, fx.index_bytes(trained))
+    return trained
+
+
+def _recall(plan: tk.Plan, space: str, index: Any, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """recall@10 of the published index at its saved search parameters against exact search over the whole corpus,
+    for the plan's recall queries (a uniform sample of the corpus): the exact top-10 is merged from the tasks' exact
+    top-10 over their own shards, so no process ever holds the corpus."""
+    with np.load(io.BytesIO(storage.read_bytes(storage.join(plan.work, "recall.npz"), plan.so))) as z:
+        q = z[space]
+    k = tk.RECALL_K
+    best_s = np.full((len(q), k), -np.inf, np.float32)
+    best_r = np.full((len(q), k), -1, np.int64)
+    for m in parts:
+        with np.load(io.BytesIO(storage.read_bytes(plan.part_url(m["shard"], "recall.npz"), plan.so))) as z:
+            s, r = z[f"{space}_s"], z[f"{space}_r"]
+        s_all = np.concatenate([best_s, s], axis=1)
+        r_all = np.concatenate([best_r, np.where(r >= 0, r + m["row0"], -1)], axis=1)
+        top = np.argsort(-s_all, axis=1, kind="stable")[:, :k]
+        best_s, best_r = np.take_along_axis(s_all, top, 1), np.take_along_axis(r_all, top, 1)
+    kk = min(k, index.ntotal)
+    _, found = fx.search(index, q, kk)
+    hits = [len(set(a[a >= 0]) & set(b[:kk][b[:kk] >= 0])) / kk for a, b in zip(found, best_r)]
+    return {"at": kk, "value": round(float(np.mean(hits)), 4), "queries": len(q)}
+
+
+def build(cfg: IndexConfig, runner: TaskRunner | None = None) -> dict[str, Any]:
+    """Build the index of an extraction and publish it with a done-marker last.
+
+    Plan: (1) the driver streams a reservoir sample (``--pca-sample`` images), fits PCA for the fused vector and for
+    CroW, chooses and trains the indexes; (2) one task per feature shard (in this process or as Ray tasks) projects
+    and encodes its live rows into partial indexes and writes its id-map and region-store parts; (3) the driver
+    merges the partial indexes (IVF: on-disk inverted lists), measures recall@10 against exact search and writes the
+    done-marker last. Every process holds at most the sample or one shard, plus (for Flat) the index itself. A build
+    killed anywhere leaves no done-marker; rerunning the same command resumes from the finished tasks.
 
     Args:
         cfg: the index config.
+        runner: where tasks run (default: ``--in-process`` selects this process, else Ray).
 
     Returns:
-        The done-marker's content (counts, factories, timings).
+        The done-marker's content.
     """
     so = cfg.fs_options
     storage.check_writable(cfg.output, so)
+    runner = runner or make_task_runner(cfg.in_process, cfg.workers)
     t0 = time.perf_counter()
-    fused_s, crow_s, n = _reservoir(cfg.features, so, cfg.pca_sample, cfg.local_weight)
-    pca_f = PCA.fit(fused_s, cfg.pca_dim, whiten=cfg.whiten)
-    pca_c = PCA.fit(crow_s, cfg.pca_dim, whiten=cfg.whiten)
-    budget = int(cfg.memory_budget_gb * 2**30)
-    fact_f = cfg.factory or fx.choose_factory(n, pca_f.dim, budget)
-    fact_c = cfg.factory or fx.choose_factory(n, pca_c.dim, budget)
-    log.info("%d images; PCA fused %d -> %d, CroW %d -> %d; indexes %s / %s", n, fused_s.shape[1], pca_f.dim,
-             crow_s.shape[1], pca_c.dim, fact_f, fact_c)
-    t1 = time.perf_counter()
-
-    idx_f = fx.new_index(pca_f.dim, fact_f)
-    idx_c = fx.new_index(pca_c.dim, fact_c)
-    # Train on the PCA sample (projected) when the index needs it (IVF / PQ).
-    if not idx_f.is_trained:
-        idx_f.train(pca_f.transform(fused_s))
-    if not idx_c.is_trained:
-        idx_c.train(pca_c.transform(crow_s))
-    del fused_s, crow_s
-
-    ids: list[str] = []
-    uris: list[str] = []
-    region_chunks: list[np.ndarray] = []
-    counts: list[np.ndarray] = []
-    for t, r in _ok_shards(cfg.features, so):
-        fx.add_chunks(idx_f, [pca_f.transform(fused_vectors(t, cfg.local_weight))])
-        fx.add_chunks(idx_c, [pca_c.transform(l2n(column_to_numpy(t, "crow")))])
-        shard_ids = t.column("image_id").to_pylist()
-        ids.extend(shard_ids)
-        uris.extend(t.column("uri").to_pylist())
-        n_per, desc = regions_in_order(r, shard_ids)
-        counts.append(n_per)
-        region_chunks.append(l2n(desc).astype(np.float16))
-    # Search-time parameters are saved inside the index file (faiss defaults to nprobe=1: poor recall).
-    for idx in (idx_f, idx_c):
-        fx.set_search_params(idx, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum(np.concatenate(counts))
-    regions = np.concatenate(region_chunks) if region_chunks else np.zeros((0, 1), np.float16)
-    t2 = time.perf_counter()
-
-    # The old done-marker goes before the first file is overwritten, the new one comes last with every file's
-    # checksum: a build killed in between leaves no finished index, never a mix of two builds.
+    # The old done-marker goes first: from here on the folder is not a finished index until the new marker.
     w = layout.IndexWriter(cfg.output, so)
-    w.write(layout.PCA_FUSED, pca_f.to_bytes())
-    w.write(layout.PCA_CROW, pca_c.to_bytes())
-    w.write(layout.INDEX_FUSED, fx.index_bytes(idx_f))
-    w.write(layout.INDEX_CROW, fx.index_bytes(idx_c))
-    w.write(layout.IDS, storage.parquet_bytes(pa.table({"row": pa.array(np.arange(len(ids)), pa.int64()),
-                                                        "image_id": ids, "uri": uris})))
-    w.write(layout.REGIONS, storage.npy_bytes(regions))
-    w.write(layout.OFFSETS, storage.npy_bytes(offsets))
+    # Markers are small (their id lists are separate Parquet files): names and ranges only, O(shards) not O(images).
+    extraction_markers = fstore.read_done_markers(cfg.features, so)
+    shards = [m["shard"] for m in extraction_markers]
+    plan, rec = _train(cfg, shards, w)
+    t1 = time.perf_counter()
+    tasks = list(enumerate(fstore.live_shard_refs(cfg.features, so, markers=extraction_markers)))
+    done = [0]
+
+    def progress(m: dict[str, Any]) -> None:
+        done[0] += 1
+        log.info("task %d/%d: shard %s, %d images, %.1f s, peak RSS %.0f MB", done[0], len(tasks), m["shard"],
+                 m["images"], m.get("seconds", 0.0), m.get("max_rss_mb", 0.0))
+
+    markers = runner.map(tk.reduce_shard, tasks, plan, on_done=progress)
+    t2 = time.perf_counter()
+    parts, row0, regions, dim = [], 0, 0, 0
+    for m in markers:
+        if m["images"]:
+            parts.append({"shard": m["shard"], "row0": row0, "images": m["images"], "regions": m["regions"]})
+            row0 += m["images"]
+            regions += m["regions"]
+            dim = dim or m.get("dim", 0)
+            for name, entry in m["files"].items():
+                w.record(name, entry)
+    if not parts:
+        raise storage.StorageError(f"no successfully extracted images under {cfg.features}")
+    recall = {}
+    tmp = tempfile.mkdtemp(prefix="sigregions-merge-")
+    try:
+        for s in tk.SPACES:
+            index = _merge_index(plan, s, parts, w, tmp, cfg)
+            if index.ntotal != row0:
+                raise storage.StorageError(f"merged {s} index holds {index.ntotal} rows, the tasks wrote {row0}")
+            recall[s] = _recall(plan, s, index, parts)
+            del index
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    t3 = time.perf_counter()
     features_cfg = storage.read_json(storage.join(cfg.features, fstore.CONFIG), so)
     marker = w.finish({
         "config": public_dict(cfg), "model": features_cfg["model"], "model_hash": features_cfg["model_hash"],
-        "images": len(ids), "regions": int(offsets[-1]), "factory": {"fused": fact_f, "crow": fact_c},
-        "dims": {"fused": pca_f.dim, "crow": pca_c.dim},
-        "seconds": {"pca": round(t1 - t0, 3), "index": round(t2 - t1, 3), "write": round(time.perf_counter() - t2, 3)},
+        "images": row0, "regions": regions, "factory": rec["factory"], "dims": rec["dims"], "recall": recall,
+        "parts": [{"name": p["shard"], "row0": p["row0"], "images": p["images"], "regions": p["regions"]}
+                  for p in parts],
+        "region_store": {"codec": cfg.region_codec, "dim": dim},
+        "tasks": {"count": len(tasks), "max_rss_mb": max((m.get("max_rss_mb", 0.0) for m in markers), default=0.0)},
+        "driver_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "seconds": {"train": round(t1 - t0, 3), "tasks": round(t2 - t1, 3), "merge": round(t3 - t2, 3)},
         "finished": fstore.now()})
+    # The intermediate state only served resuming; a published index does not need it. Parts of an earlier build into
+    # this folder that this one did not write (shards gone since) are not in the marker: removed too.
+    fs, root = storage.url_to_fs(cfg.output, so)
+    for sub in (layout.IDS_DIR, layout.REGIONS_DIR):
+        d = f"{root.rstrip('/')}/{sub}"
+        storage.fresh(fs, d)
+        for p in fs.find(d) if fs.exists(d) else []:
+            if f"{sub}/{p.rsplit('/', 1)[-1]}" not in marker["files"]:
+                fs.rm_file(p)
+    try:
+        fs.rm(f"{root.rstrip('/')}/{layout.WORK_DIR}", recursive=True)
+    except FileNotFoundError:
+        pass
     return marker
