@@ -34,7 +34,7 @@ def _ok_shards(features: str, so: dict[str, Any], regions: bool = True) -> Itera
     """Live, successfully processed image rows (sorted by image_id) and their regions, shard by shard."""
     cols: dict[str, Any] = {fstore.IMAGES_DIR: IMAGE_COLUMNS}
     if regions:
-        cols[fstore.REGIONS_DIR] = ["rank", "descriptor"]
+        cols[fstore.REGIONS_DIR] = ["rank", "descriptor", "box"]
     for shard in fstore.iter_live_shards(features, so, cols):
         t = shard[fstore.IMAGES_DIR]
         t = t.filter(pc.equal(t.column("status"), imgs.OK))
@@ -42,15 +42,17 @@ def _ok_shards(features: str, so: dict[str, Any], regions: bool = True) -> Itera
             yield t.sort_by("image_id"), shard.get(fstore.REGIONS_DIR)
 
 
-def regions_in_order(r: pa.Table, image_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Region descriptors of ``image_ids`` in that order (each image's regions by rank), and the count per image.
+def regions_in_order(r: pa.Table, image_ids: list[str], column: str = "descriptor") -> tuple[np.ndarray, np.ndarray]:
+    """Region descriptors (or another vector column, e.g. ``box``) of ``image_ids`` in that order (each image's
+    regions by rank), and the count per image.
 
     Args:
         r: a regions table holding (at least) those images' rows.
         image_ids: the order wanted.
+        column: the vector column read.
 
     Returns:
-        (counts (n,) int64, descriptors (sum counts, D) float32).
+        (counts (n,) int64, values (sum counts, D) float32).
     """
     pos = {i: k for k, i in enumerate(image_ids)}
     img = r.column("image_id").to_pylist()
@@ -58,7 +60,7 @@ def regions_in_order(r: pa.Table, image_ids: list[str]) -> tuple[np.ndarray, np.
     keep = where >= 0
     rank = r.column("rank").to_numpy()
     order = np.lexsort((rank[keep], where[keep]))
-    desc = column_to_numpy(r, "descriptor")[keep][order]
+    desc = column_to_numpy(r, column)[keep][order]
     counts = np.bincount(where[keep], minlength=len(image_ids)).astype(np.int64)
     return counts, desc
 
@@ -125,6 +127,7 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
     ids: list[str] = []
     uris: list[str] = []
     region_chunks: list[np.ndarray] = []
+    box_chunks: list[np.ndarray] = []
     counts: list[np.ndarray] = []
     for t, r in _ok_shards(cfg.features, so):
         fx.add_chunks(idx_f, [pca_f.transform(fused_vectors(t, cfg.local_weight))])
@@ -135,12 +138,14 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
         n_per, desc = regions_in_order(r, shard_ids)
         counts.append(n_per)
         region_chunks.append(l2n(desc).astype(np.float16))
+        box_chunks.append(regions_in_order(r, shard_ids, column="box")[1])
     # Search-time parameters are saved inside the index file (faiss defaults to nprobe=1: poor recall).
     for idx in (idx_f, idx_c):
         fx.set_search_params(idx, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(np.concatenate(counts))
     regions = np.concatenate(region_chunks) if region_chunks else np.zeros((0, 1), np.float16)
+    boxes = np.concatenate(box_chunks) if box_chunks else np.zeros((0, 4), np.float32)
     t2 = time.perf_counter()
 
     # The old done-marker goes before the first file is overwritten, the new one comes last with every file's
@@ -154,6 +159,7 @@ def build(cfg: IndexConfig) -> dict[str, Any]:
                                                         "image_id": ids, "uri": uris})))
     w.write(layout.REGIONS, storage.npy_bytes(regions))
     w.write(layout.OFFSETS, storage.npy_bytes(offsets))
+    w.write(layout.BOXES, storage.npy_bytes(boxes.astype(np.float32)))
     features_cfg = storage.read_json(storage.join(cfg.features, fstore.CONFIG), so)
     marker = w.finish({
         "config": public_dict(cfg), "model": features_cfg["model"], "model_hash": features_cfg["model_hash"],

@@ -16,6 +16,7 @@ INDEX_CROW = "crow.faiss"
 IDS = "ids.parquet"
 REGIONS = "regions.npy"  # float16 (R, D): every image's region descriptors, L2-normalised, in index row order
 OFFSETS = "region_offsets.npy"  # int64 (N + 1,)
+BOXES = "region_boxes.npy"  # float32 (R, 4): each region's x1, y1, x2, y2 in its image's original pixels, as REGIONS
 RAW = "rerank_query.txt"  # which raw descriptor of a query is compared with regions
 DONE = "_SUCCESS.json"  # the build's done-marker, written last: readers only trust a folder that has it
 
