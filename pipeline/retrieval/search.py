@@ -11,7 +11,7 @@ import numpy as np
 
 from PIL import Image
 
-from pipeline.config import ModelConfig
+from pipeline.config import Box, ModelConfig, parse_box  # noqa: F401 - parse_box: the one box parser, re-exported
 from pipeline.io import storage
 from pipeline.io.images import OK, Decoded, decode_image, resize_max_side
 from pipeline.reduce import faiss_index as fx
@@ -22,8 +22,6 @@ from pipeline.store.region_store import RegionStore
 
 log = logging.getLogger(__name__)
 
-
-Box = tuple[float, float, float, float]
 
 # Re-ranking modes: "regions" matches the query's own significant regions with each candidate's regions
 # (rerank.match_regions); "gem" compares the query's whole-image GeM with each candidate's regions (the paper's 2.5).
@@ -40,22 +38,6 @@ class Hit:
     uri: str
     score: float
     matched_box: tuple[float, float, float, float] | None = None
-
-
-def parse_box(text: str) -> Box:
-    """``"x1,y1,x2,y2"`` -> a box (original pixels).
-
-    Raises:
-        ValueError: not four numbers, or not ``x1 < x2`` and ``y1 < y2``.
-    """
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        box = tuple(float(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"box {text!r}: expected x1,y1,x2,y2 (numbers)") from None
-    if len(box) != 4 or not all(np.isfinite(box)) or not (box[0] < box[2] and box[1] < box[3]):
-        raise ValueError(f"box {text!r}: expected x1,y1,x2,y2 with x1 < x2 and y1 < y2")
-    return box  # type: ignore[return-value]
 
 
 def decode_query(data: bytes, max_side: int, box: Box | None = None) -> Decoded:
