@@ -51,7 +51,8 @@ def test_search_cli_json(tiny_features, tiny_index):
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
     assert [r["rank"] for r in rows] == [1, 2, 3] and rows[0]["image_id"] == "watch/image_0002.jpg"
-    assert set(rows[0]) == {"rank", "image_id", "uri", "score"}
+    assert set(rows[0]) == {"rank", "image_id", "uri", "score", "matched_box"}
+    assert len(rows[0]["matched_box"]) == 4
 
 
 def test_unfinished_index_is_refused(tmp_path):
@@ -65,3 +66,122 @@ def test_query_model_follows_the_index_and_old_indexes_mean_one_scale(tiny_featu
     old = Searcher(tiny_index)
     del old.meta["model"]["region_scales"]  # as written before region pyramids existed
     assert old.model.scales == (1.0,)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Query regions, matched boxes, the region store, batch search
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _regions_table(features):
+    from pipeline.store import feature_store as fstore
+
+    return fstore.read_live_table(features, "regions", {}, ["rank", "box", "descriptor"])
+
+
+def test_region_store_fetch_matches_the_extraction(tiny_features, tiny_index):
+    import numpy as np
+
+    s = Searcher(tiny_index)
+    r = _regions_table(tiny_features["features"])
+    ids = r.column("image_id").to_pylist()
+    rank = r.column("rank").to_numpy()
+    boxes = np.stack(r.column("box").to_numpy(zero_copy_only=False))
+    rows = np.array([5, 0, 5, 17])
+    batch = s.regions.fetch(rows)
+    assert batch.offsets[0] == 0 and len(batch.offsets) == 5 and batch.desc.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(batch.desc, axis=1), 1, atol=1e-5)
+    for k, (row, (iid, _)) in enumerate(zip(rows, s.resolve(rows))):
+        mine = sorted(np.flatnonzero(np.array(ids) == iid), key=lambda j: rank[j])
+        np.testing.assert_array_equal(batch.boxes[batch.offsets[k]:batch.offsets[k + 1]], boxes[mine])
+
+
+def test_a_box_searches_exactly_like_a_file_holding_that_region(tiny_features, tiny_index, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    s = Searcher(tiny_index)
+    img = Path(tiny_features["images"]) / "Leopards" / "image_0001.jpg"
+    box = (20.0, 10.0, 140.0, 90.0)
+    with Image.open(img) as im:
+        im.convert("RGB").crop(tuple(int(v) for v in box)).save(tmp_path / "crop.png")
+    a = s.describe([str(img)], [box])[0]
+    b = s.describe([str(tmp_path / "crop.png")])[0]
+    for k in ("global", "crow", "gem", "regions"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+    whole = s.describe([str(img)])[0]
+    assert not np.allclose(whole["crow"], a["crow"])
+    with pytest.raises(ValueError, match="outside"):
+        s.describe([str(img)], [(5000.0, 5000.0, 6000.0, 6000.0)])
+
+
+@pytest.mark.parametrize("mode", ["regions", "gem"])
+def test_matched_box_is_the_best_matching_region_of_the_hit(tiny_features, tiny_index, mode):
+    import numpy as np
+
+    from pipeline.reduce.pca import l2n
+
+    s = Searcher(tiny_index)
+    img = str(Path(tiny_features["images"]) / "watch" / "image_0002.jpg")
+    out = s.describe([img])
+    ids, scores = s.search_vectors(out, top_k=4, rerank=10, mode=mode)
+    hits = s.hits(out, ids, scores, mode)[0]
+    r = _regions_table(tiny_features["features"])
+    rid = np.array(r.column("image_id").to_pylist())
+    desc = l2n(np.stack(r.column("descriptor").to_numpy(zero_copy_only=False)).astype(np.float32))
+    boxes = np.stack(r.column("box").to_numpy(zero_copy_only=False))
+    q = l2n(out[0]["regions"]) if mode == "regions" else l2n(out[0]["gem"][None])
+    for h in hits:
+        mine = np.flatnonzero(rid == h.image_id)
+        sims = (q @ desc[mine].T).max(axis=0)  # each of the hit's regions: its best query region
+        np.testing.assert_allclose(h.matched_box, boxes[mine[int(np.argmax(sims))]], atol=0.06)
+
+
+def test_search_cli_box_and_sheet(tiny_features, tiny_index, tmp_path):
+    img = str(Path(tiny_features["images"]) / "watch" / "image_0002.jpg")
+    sheet = tmp_path / "hits.png"
+    res = subprocess.run([sys.executable, str(ROOT / "jobs" / "search.py"), "--index", tiny_index, "--image", img,
+                          "--box", "10,10,120,90", "--top-k", "3", "--rerank", "5", "--json", "--sheet", str(sheet)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert len(rows) == 3 and all(len(r["matched_box"]) == 4 for r in rows)
+    from PIL import Image
+
+    with Image.open(sheet) as im:
+        assert im.width > 500  # four tiles across: the query and three hits
+    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "search.py"), "--index", tiny_index, "--image", img,
+                          "--box", "9000,9000,9100,9100"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "outside" in bad.stderr
+
+
+def test_batch_search_writes_one_row_per_query_and_rank(tiny_features, tiny_index, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.schema import search_results_schema
+
+    qdir = tmp_path / "queries"
+    (qdir / "sub").mkdir(parents=True)
+    src = Path(tiny_features["images"])
+    shutil.copy(src / "watch" / "image_0002.jpg", qdir / "sub" / "w.jpg")
+    shutil.copy(src / "Leopards" / "image_0001.jpg", qdir / "l.jpg")
+    (tmp_path / "boxes.csv").write_text("query_id,x1,y1,x2,y2\nsub/w.jpg,10,10,120,90\n")
+    out = tmp_path / "res.parquet"
+    res = subprocess.run([sys.executable, str(ROOT / "jobs" / "search.py"), "--index", tiny_index, "--queries",
+                          str(qdir), "--boxes", str(tmp_path / "boxes.csv"), "--top-k", "3", "--rerank", "5",
+                          "--batch-size", "1", "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    t = pq.read_table(out)
+    assert t.schema.equals(search_results_schema())
+    d = t.to_pylist()
+    assert [(r["query_id"], r["rank"]) for r in d] == [("l.jpg", 1), ("l.jpg", 2), ("l.jpg", 3),
+                                                       ("sub/w.jpg", 1), ("sub/w.jpg", 2), ("sub/w.jpg", 3)]
+    assert d[0]["query_box"] is None and d[3]["query_box"] == [10, 10, 120, 90]
+    # The same as searching one by one.
+    s = Searcher(tiny_index)
+    single = s.search([str(qdir / "sub" / "w.jpg")], top_k=3, rerank=5, boxes=[(10, 10, 120, 90)])[0]
+    assert [r["image_id"] for r in d[3:]] == [h.image_id for h in single]
+    assert [r["score"] for r in d[3:]] == pytest.approx([h.score for h in single], abs=1e-5)
+    assert d[0]["image_id"] == "Leopards/image_0001.jpg"
