@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if a.cache and os.path.exists(a.cache):
             with open(a.cache, "rb") as f:
-                outs = pickle.load(f)  # noqa: S301 - our own cache file
+                outs = pickle.load(f)
         else:
             outs = describe_crops(cfg.features, cfg.dataset, proto.crops, {})
             if a.cache:

@@ -177,7 +177,8 @@ def method_rankers(c: Corpus, cfg: BenchmarkConfig, qrows: np.ndarray,
     rankers["ours+qe"] = ours_qe
     rankers["crow+rerank"] = lambda: rerank_ranking(c, vec, q, qvec["crow"], depth, cfg.rerank, 0)
     rankers["crow+rerank+qe"] = lambda: rerank_ranking(c, vec, q, qvec["crow"], depth, cfg.rerank, cfg.qe)
-    rankers["crow+regions"] = lambda: rerank_ranking(c, vec, q, qvec["crow"], depth, cfg.rerank, 0, mode="regions")
-    rankers["crow+regions+qe"] = lambda: rerank_ranking(c, vec, q, qvec["crow"], depth, cfg.rerank, cfg.qe, mode="regions")
+    rankers["crow+regions"] = lambda: rerank_ranking(c, vec, q, qvec["crow"], depth, cfg.rerank, 0, "regions")
+    rankers["crow+regions+qe"] = lambda: rerank_ranking(c, vec, q, qvec["crow"], depth, cfg.rerank, cfg.qe,
+                                                        "regions")
     rankers["bow"] = bow
     return rankers

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-
 from PIL import Image
 
-from pipeline.config import Box, ModelConfig, parse_box  # noqa: F401 - parse_box: the one box parser, re-exported
+from pipeline.config import Box, ModelConfig
 from pipeline.io import storage
 from pipeline.io.images import OK, Decoded, decode_image, resize_max_side
 from pipeline.reduce import faiss_index as fx
