@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default="0.5")
     p.add_argument("--alphas", default="1,2,3")
     p.add_argument("--taus", default="-1,0,0.3,0.5")
+    p.add_argument("--first", default="crow", choices=("crow", "ours"), help="the first-pass ranking re-ranked")
     a = p.parse_args(argv)
     cfg = from_dict(BenchmarkConfig, {"dataset": a.dataset, "features": a.features, "protocol": a.protocol,
                                       "queries": a.queries, "query_boxes": a.query_boxes, "report": "/tmp/unused"})
@@ -61,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     vec = method_vectors(c, cfg)
     qvec = {m: v[qrows] for m, v in vec.items()} if proto.crops is None else query_method_vectors(c, cfg, q)
     depth = proto.depth(len(c.paths))
-    first = rank_by_similarity(qvec["crow"], vec["crow"], depth, with_scores=True)
-    print(f"crow {proto.score(first[0])['score']:.4f}")
+    first = rank_by_similarity(qvec[a.first], vec[a.first], depth, with_scores=True)
+    print(f"{a.first} {proto.score(first[0])['score']:.4f}")
     gem = rerank_top(q.vectors["gem"] / np.linalg.norm(q.vectors["gem"], axis=1, keepdims=True), *first,
                      c.region_desc, c.offsets, cfg.rerank)[0]
-    print(f"crow+rerank (gem) {proto.score(gem)['score']:.4f}")
+    print(f"{a.first}+rerank (gem) {proto.score(gem)['score']:.4f}")
     for w, al, tau in itertools.product(*(map(float, s.split(",")) for s in (a.weights, a.alphas, a.taus))):
         ids = rerank_regions_top(q.region_desc, q.offsets, *first, c.region_desc, c.offsets, cfg.rerank, w, al, tau)[0]
-        print(f"crow+regions weight={w} alpha={al} tau={tau} {proto.score(ids)['score']:.4f}", flush=True)
+        print(f"{a.first}+regions weight={w} alpha={al} tau={tau} {proto.score(ids)['score']:.4f}", flush=True)
     return 0
 
 

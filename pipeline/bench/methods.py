@@ -55,16 +55,18 @@ def rerank_ranking(c: Corpus, vec: dict[str, np.ndarray], q: Queries, qcrow: np.
 
     ``mode="gem"``: the query's global GeM (pooled like the regions) against each candidate's regions
     (``rerank_top``); ``mode="regions"``: the query's own significant regions against the candidate's regions
-    (``rerank_regions_top``: ASMK selectivity over each query region's best match). ``qcrow``: the queries' CroW
+    (``rerank_regions_top``: the mean over query regions of their best match, descriptors centred on the
+    database's mean region). ``qcrow``: the queries' CroW
     vectors as ``vec["crow"]`` holds the database's."""
     crow = vec["crow"]
     qc = qcrow
     qg = l2n(q.vectors["gem"])
+    center = c.region_desc.mean(axis=0) if mode == "regions" and len(c.region_desc) else None
 
     def rerank(first: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         if mode == "gem":
             return rerank_top(qg, *first, c.region_desc, c.offsets, n)[0]
-        return rerank_regions_top(q.region_desc, q.offsets, *first, c.region_desc, c.offsets, n)[0]
+        return rerank_regions_top(q.region_desc, q.offsets, *first, c.region_desc, c.offsets, n, center=center)[0]
 
     ids = rerank(rank_by_similarity(qc, crow, depth, with_scores=True))
     if qe > 0:

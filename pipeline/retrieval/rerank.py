@@ -177,9 +177,10 @@ def rerank_top(q_global: np.ndarray, ids: np.ndarray, scores: np.ndarray, region
             np.concatenate([top_sc, np.asarray(scores[:, n:], dtype=top_sc.dtype)], axis=1))
 
 
-# Region-to-region matching (``match_regions``): the selectivity exponent and threshold of the default row.
-MATCH_ALPHA = 3.0
-MATCH_TAU = 0.0
+# Region-to-region matching (``match_regions``): the selectivity exponent and threshold of the default. With centred
+# descriptors, ASMK's alpha = 3 and any threshold measured worse than the plain mean of best matches (BENCHMARKS.md).
+MATCH_ALPHA = 1.0
+MATCH_TAU = float("-inf")
 
 
 def selectivity(x: np.ndarray, alpha: float, tau: float) -> np.ndarray:
@@ -198,8 +199,8 @@ def selectivity(x: np.ndarray, alpha: float, tau: float) -> np.ndarray:
 
 
 def match_regions(q_regions: np.ndarray, q_offsets: np.ndarray, cand_ids: np.ndarray, region_desc: np.ndarray,
-                  offsets: np.ndarray, alpha: float = MATCH_ALPHA, tau: float = MATCH_TAU
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  offsets: np.ndarray, alpha: float = MATCH_ALPHA, tau: float = MATCH_TAU,
+                  center: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Region-to-region similarity of each query with each of its candidates, and the candidate region that matched.
 
     Query ``q`` owns the rows ``q_offsets[q]:q_offsets[q + 1]`` of ``q_regions`` (its significant regions
@@ -211,7 +212,11 @@ def match_regions(q_regions: np.ndarray, q_offsets: np.ndarray, cand_ids: np.nda
         best = argmax_j max_i <a_i, r_j>            (the candidate region in the best single pair, a region_desc row)
 
     ``sim`` is NaN and ``best`` -1 where the query or the candidate has no regions, or the id is ``< 0`` (padding).
-    With one query region, ``alpha=1`` and ``tau=-inf``, ``sim`` is ``region_rerank``'s max mode.
+    With one query region, ``alpha=1``, ``tau=-inf`` and no ``center``, ``sim`` is ``region_rerank``'s max mode.
+
+    With ``center`` (the mean of the database's L2-normalised region descriptors), every vector ``v`` is replaced by
+    ``l2n(v - center)`` first. CNN region descriptors share a large common component (all activations are
+    non-negative, so every cosine is high); removing it makes the best match of a query region discriminative.
 
     Args:
         q_regions: ``(Rq, D)`` query regions, L2-normalised.
@@ -221,6 +226,7 @@ def match_regions(q_regions: np.ndarray, q_offsets: np.ndarray, cand_ids: np.nda
         offsets: ``(N_db + 1,)`` int64 offsets into ``region_desc``.
         alpha: selectivity exponent.
         tau: selectivity threshold.
+        center: ``(D,)`` vector subtracted from every descriptor (then re-normalised), or None.
 
     Returns:
         ``(sim (Q, N) float32, best (Q, N) int64)``.
@@ -244,14 +250,14 @@ def match_regions(q_regions: np.ndarray, q_offsets: np.ndarray, cand_ids: np.nda
     starts = offsets[safe]
     counts = np.where(valid, offsets[safe + 1] - starts, 0)
     for qi in range(cand.shape[0]):  # per query: one (m, T) product over all its candidates' regions
-        a = np.asarray(q_regions[q_offsets[qi]:q_offsets[qi + 1]], dtype=np.float32)
+        a = _centred(np.asarray(q_regions[q_offsets[qi]:q_offsets[qi + 1]], dtype=np.float32), center)
         cnt = counts[qi]
         total = int(cnt.sum())
         if len(a) == 0 or total == 0:
             continue
         run_begin = np.cumsum(cnt) - cnt
         rows = np.repeat(starts[qi], cnt) + (np.arange(total) - np.repeat(run_begin, cnt))
-        s = a @ np.asarray(region_desc[rows], dtype=np.float32).T  # (m, T)
+        s = a @ _centred(np.asarray(region_desc[rows], dtype=np.float32), center).T  # (m, T)
         has = cnt > 0
         b = run_begin[has]
         sim[qi, has] = selectivity(np.maximum.reduceat(s, b, axis=1), alpha, tau).mean(axis=0)
@@ -263,9 +269,18 @@ def match_regions(q_regions: np.ndarray, q_offsets: np.ndarray, cand_ids: np.nda
     return sim, best
 
 
+def _centred(x: np.ndarray, center: np.ndarray | None) -> np.ndarray:
+    """``l2n(x - center)`` row-wise (``x`` itself without a center)."""
+    if center is None:
+        return x
+    y = x - np.asarray(center, dtype=np.float32)
+    return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), np.float32(1e-12))
+
+
 def rerank_regions_top(q_regions: np.ndarray, q_offsets: np.ndarray, ids: np.ndarray, scores: np.ndarray,
                        region_desc: np.ndarray, offsets: np.ndarray, n: int, weight: float = RERANK_ALPHA,
-                       alpha: float = MATCH_ALPHA, tau: float = MATCH_TAU) -> tuple[np.ndarray, np.ndarray]:
+                       alpha: float = MATCH_ALPHA, tau: float = MATCH_TAU,
+                       center: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Re-rank the first ``n`` columns of a ranking by region-to-region matching (``match_regions``); keep the rest.
 
     ``score = weight * sim + (1 - weight) * first-pass score``; a candidate without regions (or a query without
@@ -282,6 +297,7 @@ def rerank_regions_top(q_regions: np.ndarray, q_offsets: np.ndarray, ids: np.nda
         weight: weight of the region similarity.
         alpha: selectivity exponent.
         tau: selectivity threshold.
+        center: the database's mean region descriptor, removed before matching (see ``match_regions``), or None.
 
     Returns:
         ``(ids, scores)`` of the same shape, the first ``n`` columns re-ranked.
@@ -289,7 +305,7 @@ def rerank_regions_top(q_regions: np.ndarray, q_offsets: np.ndarray, ids: np.nda
     n = min(n, ids.shape[1])
     cand = np.asarray(ids[:, :n], dtype=np.int64)
     init = np.asarray(scores[:, :n], dtype=np.float32)
-    sim, _ = match_regions(q_regions, q_offsets, cand, region_desc, offsets, alpha, tau)
+    sim, _ = match_regions(q_regions, q_offsets, cand, region_desc, offsets, alpha, tau, center)
     top = np.where(np.isnan(sim), init, np.float32(weight) * sim + np.float32(1 - weight) * init)
     top = np.where(cand >= 0, top, -np.inf).astype(np.float32)
     order = np.argsort(-top, axis=1, kind="stable")

@@ -197,8 +197,8 @@ class Searcher:
         after PCA + L2). With ``qe`` = k, the query vector is replaced by L2(q + sum of its top-k vectors) and searched
         again (average query expansion). With ``rerank`` = N, the top-N are re-ranked by
         ``0.5 * region similarity + 0.5 * first-pass score``; the region similarity is, with ``mode="regions"``, the
-        mean over the query's significant regions of their best match among the candidate's regions, through ASMK's
-        selectivity function (``rerank.match_regions``), and with ``mode="gem"`` ``max_j cos(q_gem, r_j)``, where q_gem
+        mean over the query's significant regions of their best match among the candidate's regions, all descriptors
+        centred on the index's mean region (``rerank.match_regions``), and with ``mode="gem"`` ``max_j cos(q_gem, r_j)``, where q_gem
         is the query's global GeM descriptor (pooled like the candidate's region descriptors r_j).
 
         Returns:
@@ -226,7 +226,7 @@ class Searcher:
                 top, top_sc = rerank_top(qg, local, scores[:, :n], batch.desc, batch.offsets, n)
             else:
                 top, top_sc = rerank_regions_top(*query_regions(outs), local, scores[:, :n], batch.desc,
-                                                 batch.offsets, n)
+                                                 batch.offsets, n, center=self.regions.center)
             top = np.where(top >= 0, rows[np.maximum(top, 0)], -1) if len(rows) else top  # positions -> index rows
             ids = np.concatenate([top, ids[:, n:]], axis=1)
             scores = np.concatenate([top_sc, scores[:, n:]], axis=1)
@@ -252,7 +252,8 @@ class Searcher:
             qr = l2n(np.stack([o["gem"] for o in outs]))
             _, best = match_regions(qr, np.arange(len(outs) + 1), local, batch.desc, batch.offsets, 1.0, -np.inf)
         else:
-            _, best = match_regions(*query_regions(outs), local, batch.desc, batch.offsets)
+            _, best = match_regions(*query_regions(outs), local, batch.desc, batch.offsets,
+                                    center=self.regions.center)
         out = np.full((*best.shape, 4), np.nan, np.float32)
         out[best >= 0] = batch.boxes[best[best >= 0]]
         return out

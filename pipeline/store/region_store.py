@@ -50,9 +50,17 @@ class RegionStore:
             log.warning("%s has no %s (built by an older version): matched region boxes are unknown; rebuild the "
                         "index to get them", files.url, layout.BOXES)
             self._boxes = np.full((len(self._desc), 4), np.nan, np.float32)
+        self._center: np.ndarray | None = None
         if not (len(self._offsets) - 1 == n_images and int(self._offsets[-1]) == len(self._desc) == len(self._boxes)):
             raise storage.StorageError(f"{files.url}: the region files disagree with their {layout.DONE}; rebuild "
                                        "the index")
+
+    @property
+    def center(self) -> np.ndarray:
+        """``(D,)`` float32 mean of every stored (L2-normalised) region descriptor: region matching removes it."""
+        if self._center is None:
+            self._center = np.asarray(self._desc, dtype=np.float32).mean(axis=0) if len(self._desc) else None
+        return self._center
 
     def __len__(self) -> int:
         """Regions in the store."""
