@@ -324,3 +324,32 @@ def test_oxford_protocol_counts_a_missing_positive_as_not_retrieved():
     assert p.positives[0].tolist() == [0, 1, 3] and p.junk[0].tolist() == []
     # Ranking q, n, p1: hits at 0 and 2 among 3 positives: (1 + (1/2 + 2/3)/2) / 3 = 19/36 (p2 dropped: 19/24).
     assert p.score(np.array([[0, 2, 1]]))["score"] == pytest.approx(19 / 36)
+
+
+def test_labels_protocol_with_query_boxes_describes_the_crops(monkeypatch, tmp_path):
+    # m is labelled red: red in its left quarter (the query box), blue elsewhere; r red, b1 and b2 blue.
+    root = tmp_path / "labelled"
+    _write(root / "red" / "m.png", [(16, RED), (48, BLUE)])
+    _write(root / "red" / "r.png", [(64, RED)])
+    _write(root / "blue" / "b1.png", [(64, BLUE)])
+    _write(root / "blue" / "b2.png", [(64, BLUISH)])
+    for k in range(8):  # more blue images: the labels protocol ranks at least 11 results (P@10 without the query)
+        _write(root / "blue" / f"f{k}.png", [(64, (0, 10 * k, 255))])
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("path,x1,y1,x2,y2\nred/m.png,0,0,16,32\n")
+    paths = ["blue/b1.png", "blue/b2.png", *[f"blue/f{k}.png" for k in range(8)], "red/m.png", "red/r.png"]
+    monkeypatch.setattr(bm, "load_corpus", lambda *a, **k: _with_labels(_colour_corpus(root, paths), [0] * 10 + [1, 1]))
+    model = MeanColourModel()
+    cfg = from_dict(BenchmarkConfig, {"dataset": str(root), "features": "unused", "report": str(tmp_path / "r"),
+                                      "protocol": "labels", "methods": "crow,crow+regions", "rerank": 12,
+                                      "query_boxes": str(boxes), "figure_queries": 0})
+    report = bm.run(cfg, model=model)
+    assert model.seen == [(16, 32)] and report["queries"] == 1
+    # The red crop ranks m (its own image: left out), r, then the blue images: AP 1. The whole image (mean
+    # (64, 0, 191)) would rank every blue image (cosine >= .848) before r (.316): AP 1/11.
+    assert [r["score"] for r in report["rows"]] == [pytest.approx(1.0), pytest.approx(1.0)]
+
+
+def _with_labels(c, labels):
+    c.labels = np.asarray(labels)
+    return c

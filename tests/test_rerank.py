@@ -205,11 +205,22 @@ def test_match_regions_against_a_loop_reference():
     qr = rng.normal(size=(q_off[-1], d)).astype(np.float32)
     qr /= np.linalg.norm(qr, axis=1, keepdims=True)
     cand = rng.integers(-1, n_db, size=(3, 7))
+    center = regions.mean(0)
+
+    def centred(x):
+        y = x.astype(np.float64) - center
+        return y / np.linalg.norm(y, axis=1, keepdims=True)
+
     sim, best = match_regions(qr, q_off, cand, regions, offsets, alpha=3.0, tau=0.1)
+    csim, cbest = match_regions(qr, q_off, cand, regions, offsets, alpha=1.0, tau=-np.inf, center=center)
     for qi in range(3):
         a = qr[q_off[qi]:q_off[qi + 1]]
         for j, c in enumerate(cand[qi]):
             r = regions[offsets[c]:offsets[c + 1]] if c >= 0 else regions[:0]
+            if len(a) and len(r):  # centred: the plain mean of best matches of l2n(v - center)
+                cs = centred(a) @ centred(r).T
+                assert csim[qi, j] == pytest.approx(float(cs.max(1).mean()), abs=1e-5)
+                assert cbest[qi, j] == offsets[c] + int(np.argmax(cs.max(0)))
             if len(a) == 0 or len(r) == 0:
                 assert np.isnan(sim[qi, j]) and best[qi, j] == -1
                 continue

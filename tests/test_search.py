@@ -131,6 +131,9 @@ def test_matched_box_is_the_best_matching_region_of_the_hit(tiny_features, tiny_
     desc = l2n(np.stack(r.column("descriptor").to_numpy(zero_copy_only=False)).astype(np.float32))
     boxes = np.stack(r.column("box").to_numpy(zero_copy_only=False))
     q = l2n(out[0]["regions"]) if mode == "regions" else l2n(out[0]["gem"][None])
+    if mode == "regions":  # centred on the mean of the index's (L2-normalised, float16-stored) regions
+        mu = s.regions.center
+        q, desc = l2n(q - mu), l2n(desc - mu)
     for h in hits:
         mine = np.flatnonzero(rid == h.image_id)
         sims = (q @ desc[mine].T).max(axis=0)  # each of the hit's regions: its best query region
@@ -185,3 +188,19 @@ def test_batch_search_writes_one_row_per_query_and_rank(tiny_features, tiny_inde
     assert [r["image_id"] for r in d[3:]] == [h.image_id for h in single]
     assert [r["score"] for r in d[3:]] == pytest.approx([h.score for h in single], abs=1e-5)
     assert d[0]["image_id"] == "Leopards/image_0001.jpg"
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"image": "a.jpg", "queries": "q/"}, "one of --image or --queries"),
+    ({}, "one of --image or --queries"),
+    ({"queries": "q/"}, "--queries needs --output"),
+    ({"queries": "q/", "output": "o.parquet", "box": "1,2,3,4"}, "--queries needs --output"),
+    ({"image": "a.jpg", "boxes": "b.csv"}, "--boxes and --output go with --queries"),
+    ({"image": "a.jpg", "box": "5,5,1,1"}, "x1 < x2"),
+    ({"image": "a.jpg", "box": "1,2,3"}, "x1,y1,x2,y2"),
+])
+def test_search_config_refuses_bad_combinations(kw, msg):
+    from pipeline.config import ConfigError, SearchConfig, from_dict
+
+    with pytest.raises(ConfigError, match=msg):
+        from_dict(SearchConfig, {"index": "idx", **kw})
