@@ -3,7 +3,7 @@ queries, with the described crops cached so that the grid costs no model time.
 
 examples:
   python benchmarks/rerank_study.py --dataset ../shared/datasets/paris6k-subset5 --features runs/paris-ms/features \
-      --query-boxes benchmarks/paris6k-subset5_crops_seed1.csv --cache /tmp/crops1.npz
+      --query-boxes benchmarks/paris6k-subset5_crops_seed1.csv --cache /tmp/crops1.pkl --center --alphas 1,2 --taus=-inf
   python benchmarks/rerank_study.py --dataset ../shared/datasets/caltech101 --protocol category \
       --queries ../shared/datasets/caltech101/queries_5pct_seed0.txt --features runs/caltech101-ms/features
 """
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default="0.5")
     p.add_argument("--alphas", default="1,2,3")
     p.add_argument("--taus", default="-1,0,0.3,0.5")
+    p.add_argument("--center", action="store_true", help="centre descriptors on the database's mean region")
     p.add_argument("--first", default="crow", choices=("crow", "ours"), help="the first-pass ranking re-ranked")
     a = p.parse_args(argv)
     cfg = from_dict(BenchmarkConfig, {"dataset": a.dataset, "features": a.features, "protocol": a.protocol,
@@ -67,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     gem = rerank_top(q.vectors["gem"] / np.linalg.norm(q.vectors["gem"], axis=1, keepdims=True), *first,
                      c.region_desc, c.offsets, cfg.rerank)[0]
     print(f"{a.first}+rerank (gem) {proto.score(gem)['score']:.4f}")
+    center = c.region_desc.mean(axis=0) if a.center else None
     for w, al, tau in itertools.product(*(map(float, s.split(",")) for s in (a.weights, a.alphas, a.taus))):
-        ids = rerank_regions_top(q.region_desc, q.offsets, *first, c.region_desc, c.offsets, cfg.rerank, w, al, tau)[0]
-        print(f"{a.first}+regions weight={w} alpha={al} tau={tau} {proto.score(ids)['score']:.4f}", flush=True)
+        ids = rerank_regions_top(q.region_desc, q.offsets, *first, c.region_desc, c.offsets, cfg.rerank, w, al, tau,
+                                 center)[0]
+        print(f"{a.first}+regions weight={w} alpha={al} tau={tau} center={a.center} {proto.score(ids)['score']:.4f}",
+              flush=True)
     return 0
 
 
