@@ -127,4 +127,4 @@ def test_a_file_overwritten_after_the_marker_is_refused(tiny_features, tmp_path)
         Searcher(a)
     marker = storage.read_json(storage.join(b, layout.DONE))
     assert set(marker["files"]) == {layout.PCA_FUSED, layout.PCA_CROW, layout.INDEX_FUSED, layout.INDEX_CROW,
-                                    layout.IDS, layout.REGIONS, layout.OFFSETS}
+                                    layout.IDS, layout.REGIONS, layout.OFFSETS, layout.BOXES}

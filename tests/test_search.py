@@ -91,7 +91,7 @@ def test_region_store_fetch_matches_the_extraction(tiny_features, tiny_index):
     batch = s.regions.fetch(rows)
     assert batch.offsets[0] == 0 and len(batch.offsets) == 5 and batch.desc.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(batch.desc, axis=1), 1, atol=1e-5)
-    for k, (row, (iid, _)) in enumerate(zip(rows, s.resolve(rows))):
+    for k, (iid, _) in enumerate(s.resolve(rows)):
         mine = sorted(np.flatnonzero(np.array(ids) == iid), key=lambda j: rank[j])
         np.testing.assert_array_equal(batch.boxes[batch.offsets[k]:batch.offsets[k + 1]], boxes[mine])
 
