@@ -37,6 +37,25 @@ class ConfigError(ValueError):
     """A config value or key is invalid."""
 
 
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in an image's original pixels
+
+
+def parse_box(text: str) -> Box:
+    """``"x1,y1,x2,y2"`` -> a box (original pixels).
+
+    Raises:
+        ValueError: not four numbers, or not ``x1 < x2`` and ``y1 < y2``.
+    """
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        box = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"box {text!r}: expected x1,y1,x2,y2 (numbers)") from None
+    if len(box) != 4 or not all(math.isfinite(v) for v in box) or not (box[0] < box[2] and box[1] < box[3]):
+        raise ValueError(f"box {text!r}: expected x1,y1,x2,y2 with x1 < x2 and y1 < y2")
+    return box  # type: ignore[return-value]
+
+
 def storage_field() -> Any:
     """The ``storage_options`` field every job config that touches storage has (JSON text, a secret)."""
     return _opt("", "JSON of fsspec storage options (never logged)")
@@ -294,23 +313,40 @@ class ReindexConfig(ModelConfig, HasStorage):
 
 @dataclass(frozen=True)
 class SearchConfig(HasStorage):
-    """`jobs/search.py`: one query image against a built index."""
+    """`jobs/search.py`: one query image (or a region of it), or a folder/manifest of queries, against a built index."""
 
     index: str = _opt("", "URL of an index output (jobs/index.py)", required=True)
-    image: str = _opt("", "query image path or URL", required=True)
-    top_k: int = _opt(10, "results to print")
+    image: str = _opt("", "query image path or URL (one query; or --queries)")
+    box: str = _opt("", "search with this region of --image only: x1,y1,x2,y2 in original pixels")
+    queries: str = _opt("", "batch search: a folder of query images or a Parquet/CSV manifest (instead of --image)")
+    boxes: str = _opt("", "batch search: CSV query_id,x1,y1,x2,y2 of query regions (queries not listed: whole image)")
+    output: str = _opt("", "batch search: results Parquet URL (one row per query and rank)")
+    batch_size: int = _opt(32, "batch search: queries described and searched together")
+    top_k: int = _opt(10, "results per query")
     rerank: int = _opt(0, "re-rank the top-N by region similarity (paper 2.5); 0 = off")
+    rerank_mode: str = _opt("regions", "re-rank similarity: regions (query regions vs candidate regions) or gem "
+                            "(the query's whole GeM vs candidate regions)", choices=("regions", "gem"))
     qe: int = _opt(0, "average query expansion with the top-k; 0 = off")
     space: str = _opt("fused", "which index to search: fused (paper 2.4) or crow (2.5)", choices=("fused", "crow"))
     json: bool = _opt(False, "print JSON instead of a table")
+    sheet: str = _opt("", "write a PNG of the query (with its box) and the hits with their matched regions")
     storage_options: str = storage_field()
 
     def validate(self) -> None:
         _check_choices(self)
-        if not self.index or not self.image:
-            raise ConfigError("--index and --image are required")
-        if self.top_k < 1 or self.rerank < 0 or self.qe < 0:
-            raise ConfigError("top_k must be >= 1; rerank and qe >= 0")
+        if not self.index or bool(self.image) == bool(self.queries):
+            raise ConfigError("--index and one of --image or --queries are required")
+        if self.queries and (not self.output or self.box or self.sheet or self.json):
+            raise ConfigError("--queries needs --output and takes --boxes, not --box, --sheet or --json")
+        if self.image and (self.boxes or self.output):
+            raise ConfigError("--boxes and --output go with --queries; one image takes --box")
+        if self.top_k < 1 or self.rerank < 0 or self.qe < 0 or self.batch_size < 1:
+            raise ConfigError("top_k and batch_size must be >= 1; rerank and qe >= 0")
+        if self.box:
+            try:
+                parse_box(self.box)
+            except ValueError as e:
+                raise ConfigError(f"--box: {e}") from None
         self.fs_options  # noqa: B018 - parses (and caches) the options: a ConfigError now, not mid-run
 
 
@@ -321,6 +357,8 @@ class BenchmarkConfig(ModelConfig, HasStorage):
     dataset: str = _opt("", "dataset root directory; default: the embedded sample")
     protocol: str = _opt("category", "evaluation protocol", choices=PROTOCOLS)
     queries: str = _opt("", "query list file (paths relative to the dataset root); default: a seeded random 5%")
+    query_boxes: str = _opt("", "labels/category protocols: query regions instead of whole images, a CSV "
+                            "path,x1,y1,x2,y2 (original pixels); each crop is described by the features' model")
     features: str = _opt("", "reuse an earlier extraction at this URL instead of extracting")
     report: str = _opt("", "output URL for report.json and pictures", required=True)
     k: int = _opt(10, "k of top-k precision (category protocol)")

@@ -74,6 +74,25 @@ def marker_ids_schema() -> pa.Schema:
     ])
 
 
+def search_results_schema() -> pa.Schema:
+    """Schema of batch search results (``jobs/search.py --queries ... --output``): one row per (query, rank).
+
+    ``query_id`` is the query's path relative to the queries folder (or its manifest id), ``query_box`` the region
+    searched with (null: the whole image), ``rank`` 1 = best, ``matched_box`` the hit's region that matched best
+    (null when unknown); boxes are x1, y1, x2, y2 in the respective image's original pixels.
+    """
+    box = pa.list_(pa.float32(), 4)
+    return pa.schema([
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("query_box", box),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("matched_box", box),
+    ])
+
+
 def to_table(rows: Mapping[str, list], schema: pa.Schema) -> pa.Table:
     """Build a table from column lists and cast it to ``schema`` (vectors given as 2-D numpy arrays or lists).
 

@@ -174,18 +174,21 @@ def _corpus(paths):
     return Corpus("", paths, None, {}, np.zeros((0, 2), np.float32), np.zeros(n + 1, np.int64), [])
 
 
-def test_revisited_protocol_maps_gnd_by_path_with_a_missing_image():
+def test_revisited_protocol_maps_gnd_by_path_with_a_missing_image(tmp_path):
     from types import SimpleNamespace
 
     from pipeline.bench.protocols import RevisitedProtocol
 
-    p = RevisitedProtocol(SimpleNamespace(dataset="unused"))
+    (tmp_path / "jpg").mkdir()
+    (tmp_path / "jpg" / "a.jpg").write_bytes(b"")  # the query's file must exist; its pixels are not read here
+    p = RevisitedProtocol(SimpleNamespace(dataset=str(tmp_path)))
     # imlist a b c d e; c (position 2, in the middle) failed to extract, so corpus rows are a=0 b=1 d=2 e=3.
-    e = np.array([], dtype=np.int64)
+    e = np.array([0, 0, 1, 1], dtype=np.float64)
     p.gnd = {"imlist": ["a", "b", "c", "d", "e"], "qimlist": ["a"],
              "gnd": [{"easy": np.array([1, 3]), "hard": np.array([2]), "junk": np.array([4]), "bbx": e}]}
     qrows, extra = p.queries(_corpus(["jpg/a.jpg", "jpg/b.jpg", "jpg/d.jpg", "jpg/e.jpg"]))
     assert qrows.tolist() == [0] and extra == {"positives_missing": 1}
+    assert p.crops == [("jpg/a.jpg", (0.0, 0.0, 1.0, 1.0))] and p.self_rows.tolist() == [-1]
     assert p.gnd_rows[0]["easy"].tolist() == [1, 2]  # b, d
     assert p.gnd_rows[0]["hard"].tolist() == [4 + 2]  # c: N + its imlist position, in no ranking
     assert p.gnd_rows[0]["junk"].tolist() == [3]  # e
@@ -196,6 +199,114 @@ def test_revisited_protocol_maps_gnd_by_path_with_a_missing_image():
     # Easy: positives b, d, junk e (and c): ((0 + 1/2)/2 + (1/2 + 2/3)/2) / 2 = 5/12. Hard: c never retrieved: 0.
     assert res["easy"] == pytest.approx(5 / 12)
     assert res["hard"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Query regions: the oxford and revisited protocols describe each query cropped to its box, with the model
+# --------------------------------------------------------------------------------------------------------------------
+
+RED, BLUISH, ORANGE, BLUE = (255, 0, 0), (0, 128, 255), (255, 64, 0), (0, 0, 255)
+
+
+class MeanColourModel:
+    """A stand-in region model: every descriptor of an image (and its one region) is its mean RGB colour, so the
+    similarities of a constructed case can be worked out by hand."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(max_side=32)
+        self.seen: list[tuple[int, int]] = []
+
+    def __call__(self, images, sizes):
+        from pipeline.schema import VECTOR_COLUMNS
+
+        out = []
+        for im, size in zip(images, sizes):
+            self.seen.append(tuple(size))
+            v = np.asarray(im, np.float32).reshape(-1, 3).mean(0)
+            out.append({**{m: v.copy() for m in VECTOR_COLUMNS}, "regions": v[None].copy(),
+                        "boxes": np.array([[0, 0, *size]], np.float32), "scores": np.ones(1, np.float32)})
+        return out
+
+
+def _write(path, colours, size=(64, 32)):
+    """An image of vertical colour bands: ``colours`` = [(width, rgb), ...] left to right."""
+    from PIL import Image
+
+    im = Image.new("RGB", size)
+    x = 0
+    for w, rgb in colours:
+        im.paste(rgb, (x, 0, x + w, size[1]))
+        x += w
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, quality=100) if path.suffix == ".jpg" else im.save(path)
+
+
+def _colour_corpus(root, paths):
+    """The corpus of ``paths`` under ``root`` described by ``MeanColourModel`` (one region per image)."""
+    from PIL import Image
+
+    from pipeline.bench.corpus import Corpus
+    from pipeline.schema import VECTOR_COLUMNS
+
+    v = np.stack([np.asarray(Image.open(root / p).convert("RGB"), np.float32).reshape(-1, 3).mean(0) for p in paths])
+    return Corpus(str(root), list(paths), None, {m: v.copy() for m in VECTOR_COLUMNS},
+                  v / np.linalg.norm(v, axis=1, keepdims=True), np.arange(len(paths) + 1), [])
+
+
+def _run_colour_benchmark(monkeypatch, root, protocol, paths, tmp_path):
+    """``bench.runner.run`` on a hand-described corpus, with ``MeanColourModel`` describing the queries."""
+    monkeypatch.setattr(bm, "load_corpus", lambda *a, **k: _colour_corpus(root, paths))
+    model = MeanColourModel()
+    cfg = from_dict(BenchmarkConfig, {"dataset": str(root), "features": "unused", "report": str(tmp_path / "r"),
+                                      "protocol": protocol, "methods": "crow", "rerank": 4, "figure_queries": 0})
+    return bm.run(cfg, model=model), model
+
+
+def test_oxford_protocol_describes_the_query_cropped_to_its_box(monkeypatch, tmp_path):
+    # The query image q is red in its left quarter (its box) and blue elsewhere; a is red, b bluish, c orange.
+    # gt: good a, ok b, junk q; c is a negative.
+    root = tmp_path / "oxford"
+    _write(root / "jpg" / "q.png", [(16, RED), (48, BLUE)])
+    for name, rgb in (("a", RED), ("b", BLUISH), ("c", ORANGE)):
+        _write(root / "jpg" / f"{name}.png", [(64, rgb)])
+    gt = root / "gt"
+    gt.mkdir()
+    (gt / "x_1_query.txt").write_text("oxc1_q 0 0 16 32\n")
+    (gt / "x_1_good.txt").write_text("a\n")
+    (gt / "x_1_ok.txt").write_text("b\n")
+    (gt / "x_1_junk.txt").write_text("q\n")
+    paths = ["jpg/a.png", "jpg/b.png", "jpg/c.png", "jpg/q.png"]
+    report, model = _run_colour_benchmark(monkeypatch, root, "oxford", paths, tmp_path)
+    # The crop is pure red (16 x 32 original pixels): cosines a 1, c .970, q .316 (junk), b 0. Junk removed: a, c, b,
+    # hits at 0 and 2 of 2 positives: (1 + (1/2 + 2/3)/2) / 2 = 19/24.
+    assert model.seen == [(16, 32)]
+    assert report["rows"][0]["score"] == pytest.approx(19 / 24)
+    # The whole query image (mean (64, 0, 191)) would rank b .848, a .316, c .307: AP 1, as the query's own row did.
+
+
+def test_revisited_protocol_crops_queries_outside_the_image_list(monkeypatch, tmp_path):
+    import pickle
+
+    # The query q is not in imlist (R-Oxford's qimlist is separate): it used to raise KeyError.
+    root = tmp_path / "roxtiny"
+    _write(root / "jpg" / "q.jpg", [(16, RED), (48, BLUE)])
+    for name, rgb in (("a", RED), ("b", BLUISH), ("c", ORANGE)):
+        _write(root / "jpg" / f"{name}.jpg", [(64, rgb)])
+    gnd = {"imlist": ["a", "b", "c"], "qimlist": ["q"],
+           "gnd": [{"bbx": np.array([0.0, 0.0, 16.0, 32.0]), "easy": np.array([0]), "hard": np.array([1]),
+                    "junk": np.array([], dtype=np.int64)}]}
+    (root / "gnd_roxtiny.pkl").write_bytes(pickle.dumps(gnd))
+    report, model = _run_colour_benchmark(monkeypatch, root, "revisited", ["jpg/a.jpg", "jpg/b.jpg", "jpg/c.jpg"],
+                                          tmp_path)
+    assert model.seen == [(16, 32)]
+    row = report["rows"][0]
+    # Cropped (red): a 1, c ~.97, b ~0. Medium (a, b positive): hits at 0 and 2 -> 19/24; easy (a; b junk): 1;
+    # hard (b; a junk): ranking c, b -> (0 + 1/2)/2 = 1/4. The whole image would give medium 1.
+    assert row["score"] == pytest.approx(19 / 24)
+    assert row["easy"] == pytest.approx(1.0)
+    assert row["hard"] == pytest.approx(1 / 4)
 
 
 def test_oxford_protocol_counts_a_missing_positive_as_not_retrieved():
@@ -213,3 +324,32 @@ def test_oxford_protocol_counts_a_missing_positive_as_not_retrieved():
     assert p.positives[0].tolist() == [0, 1, 3] and p.junk[0].tolist() == []
     # Ranking q, n, p1: hits at 0 and 2 among 3 positives: (1 + (1/2 + 2/3)/2) / 3 = 19/36 (p2 dropped: 19/24).
     assert p.score(np.array([[0, 2, 1]]))["score"] == pytest.approx(19 / 36)
+
+
+def test_labels_protocol_with_query_boxes_describes_the_crops(monkeypatch, tmp_path):
+    # m is labelled red: red in its left quarter (the query box), blue elsewhere; r red, b1 and b2 blue.
+    root = tmp_path / "labelled"
+    _write(root / "red" / "m.png", [(16, RED), (48, BLUE)])
+    _write(root / "red" / "r.png", [(64, RED)])
+    _write(root / "blue" / "b1.png", [(64, BLUE)])
+    _write(root / "blue" / "b2.png", [(64, BLUISH)])
+    for k in range(8):  # more blue images: the labels protocol ranks at least 11 results (P@10 without the query)
+        _write(root / "blue" / f"f{k}.png", [(64, (0, 10 * k, 255))])
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("path,x1,y1,x2,y2\nred/m.png,0,0,16,32\n")
+    paths = ["blue/b1.png", "blue/b2.png", *[f"blue/f{k}.png" for k in range(8)], "red/m.png", "red/r.png"]
+    monkeypatch.setattr(bm, "load_corpus", lambda *a, **k: _with_labels(_colour_corpus(root, paths), [0] * 10 + [1, 1]))
+    model = MeanColourModel()
+    cfg = from_dict(BenchmarkConfig, {"dataset": str(root), "features": "unused", "report": str(tmp_path / "r"),
+                                      "protocol": "labels", "methods": "crow,crow+regions", "rerank": 12,
+                                      "query_boxes": str(boxes), "figure_queries": 0})
+    report = bm.run(cfg, model=model)
+    assert model.seen == [(16, 32)] and report["queries"] == 1
+    # The red crop ranks m (its own image: left out), r, then the blue images: AP 1. The whole image (mean
+    # (64, 0, 191)) would rank every blue image (cosine >= .848) before r (.316): AP 1/11.
+    assert [r["score"] for r in report["rows"]] == [pytest.approx(1.0), pytest.approx(1.0)]
+
+
+def _with_labels(c, labels):
+    c.labels = np.asarray(labels)
+    return c

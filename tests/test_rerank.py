@@ -154,3 +154,115 @@ def test_rerank_top_reranks_prefix_and_keeps_tail():
     got_ids, got_sc = rerank_top(q, ids, scores, region_desc, offsets, n=3, alpha=0.5)
     assert got_ids.tolist() == [[2, 0, 1, 3]]  # 0.5*1 + 0.5*0.7 = 0.85 beats 0.45 and 0.40; column 4 untouched
     np.testing.assert_allclose(got_sc, [[0.85, 0.45, 0.40, 0.6]], atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Region-to-region matching
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_selectivity_by_hand():
+    from pipeline.retrieval.rerank import selectivity
+
+    x = np.array([-0.5, 0.0, 0.2, 0.5, 1.0], np.float32)
+    np.testing.assert_allclose(selectivity(x, 3.0, 0.0), [0, 0, 0.008, 0.125, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(selectivity(x, 1.0, -np.inf), x)
+    np.testing.assert_allclose(selectivity(x, 2.0, 0.3), [0, 0, 0, 0.25, 1.0], rtol=1e-6)
+
+
+def _unit2(deg):
+    r = np.deg2rad(deg)
+    return np.array([np.cos(r), np.sin(r)], np.float32)
+
+
+def test_match_regions_constructed_case():
+    from pipeline.retrieval.rerank import match_regions
+
+    # Query regions at 0 and 90 degrees. Candidate 0: regions at 0 and 60 degrees; candidate 1: one region at 90;
+    # candidate 2: no regions.
+    q = np.stack([_unit2(0), _unit2(90)])
+    regions = np.stack([_unit2(0), _unit2(60), _unit2(90)])
+    offsets = np.array([0, 2, 3, 3])
+    sim, best = match_regions(q, np.array([0, 2]), np.array([[0, 1, 2, -1]]), regions, offsets, alpha=2.0, tau=0.0)
+    # Candidate 0: best matches 1 (0 -> 0) and cos 30 = .866 (90 -> 60): (1 + .75) / 2 = .875; best pair: region 0.
+    # Candidate 1: 0 (cos 90, at the threshold: nothing) and 1: (0 + 1) / 2 = .5; its region is row 2.
+    assert sim[0, 0] == pytest.approx(0.875, abs=1e-6) and sim[0, 1] == pytest.approx(0.5, abs=1e-6)
+    assert np.isnan(sim[0, 2]) and np.isnan(sim[0, 3])
+    assert best.tolist() == [[0, 2, -1, -1]]
+
+
+def test_match_regions_against_a_loop_reference():
+    from pipeline.retrieval.rerank import match_regions, selectivity
+
+    rng = np.random.default_rng(3)
+    d, n_db = 8, 12
+    counts = rng.integers(0, 5, n_db)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    regions = rng.normal(size=(offsets[-1], d)).astype(np.float32)
+    regions /= np.linalg.norm(regions, axis=1, keepdims=True)
+    qc = np.array([3, 0, 2])
+    q_off = np.concatenate([[0], np.cumsum(qc)])
+    qr = rng.normal(size=(q_off[-1], d)).astype(np.float32)
+    qr /= np.linalg.norm(qr, axis=1, keepdims=True)
+    cand = rng.integers(-1, n_db, size=(3, 7))
+    center = regions.mean(0)
+
+    def centred(x):
+        y = x.astype(np.float64) - center
+        return y / np.linalg.norm(y, axis=1, keepdims=True)
+
+    sim, best = match_regions(qr, q_off, cand, regions, offsets, alpha=3.0, tau=0.1)
+    csim, cbest = match_regions(qr, q_off, cand, regions, offsets, alpha=1.0, tau=-np.inf, center=center)
+    for qi in range(3):
+        a = qr[q_off[qi]:q_off[qi + 1]]
+        for j, c in enumerate(cand[qi]):
+            r = regions[offsets[c]:offsets[c + 1]] if c >= 0 else regions[:0]
+            if len(a) and len(r):  # centred: the plain mean of best matches of l2n(v - center)
+                cs = centred(a) @ centred(r).T
+                assert csim[qi, j] == pytest.approx(float(cs.max(1).mean()), abs=1e-5)
+                assert cbest[qi, j] == offsets[c] + int(np.argmax(cs.max(0)))
+            if len(a) == 0 or len(r) == 0:
+                assert np.isnan(sim[qi, j]) and best[qi, j] == -1
+                continue
+            s = a.astype(np.float64) @ r.T.astype(np.float64)
+            assert sim[qi, j] == pytest.approx(float(np.mean(selectivity(s.max(1), 3.0, 0.1))), abs=1e-5)
+            assert best[qi, j] == offsets[c] + int(np.argmax(s.max(0)))
+
+
+def test_match_regions_with_one_query_region_is_the_max_mode():
+    from pipeline.retrieval.rerank import match_regions
+
+    rng = np.random.default_rng(5)
+    regions = rng.normal(size=(20, 6)).astype(np.float32)
+    regions /= np.linalg.norm(regions, axis=1, keepdims=True)
+    offsets = np.array([0, 4, 9, 9, 15, 20])
+    q = rng.normal(size=(2, 6)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    cand = np.array([[0, 1, 3, 4], [4, 3, 1, 0]])
+    init = np.zeros(cand.shape, np.float32)
+    ids, scores = region_rerank(q, cand, init, regions, offsets, mode="max", alpha=1.0)
+    sim, _ = match_regions(q, np.arange(3), cand, regions, offsets, alpha=1.0, tau=-np.inf)
+    order = np.argsort(-sim, axis=1, kind="stable")
+    np.testing.assert_array_equal(np.take_along_axis(cand, order, axis=1), ids)
+    np.testing.assert_allclose(np.take_along_axis(sim, order, axis=1), scores, atol=1e-6)
+
+
+def test_rerank_regions_top_moves_the_region_match_up_and_keeps_the_tail():
+    from pipeline.retrieval.rerank import rerank_regions_top
+
+    # Query regions at 0 and 90 degrees; image 0 has regions at 45 only, image 1 at 0 and 90, image 2 none.
+    q = np.stack([_unit2(0), _unit2(90)])
+    regions = np.stack([_unit2(45), _unit2(0), _unit2(90)])
+    offsets = np.array([0, 1, 3, 3, 3])
+    ids = np.array([[0, 1, 2, 3]])
+    scores = np.array([[0.9, 0.6, 0.5, 0.1]], np.float32)
+    out_ids, out_sc = rerank_regions_top(q, np.array([0, 2]), ids, scores, regions, offsets, n=3, weight=0.5,
+                                         alpha=1.0, tau=0.0)
+    # Image 0: both query regions match at cos 45 = .707 -> .5 * .707 + .5 * .9 = .8036; image 1: 1 -> .8;
+    # image 2: no regions, keeps .5; image 3 is past n and stays last as it was.
+    assert out_ids.tolist() == [[0, 1, 2, 3]]
+    np.testing.assert_allclose(out_sc, [[0.5 * np.sqrt(0.5) + 0.45, 0.8, 0.5, 0.1]], atol=1e-6)
+    out_ids, _ = rerank_regions_top(q, np.array([0, 2]), ids, scores, regions, offsets, n=3, weight=0.5,
+                                    alpha=3.0, tau=0.0)
+    # alpha 3: image 0's region part is .354 -> .627 < image 1's .8: image 1 first.
+    assert out_ids.tolist() == [[1, 0, 2, 3]]

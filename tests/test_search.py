@@ -51,7 +51,8 @@ def test_search_cli_json(tiny_features, tiny_index):
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
     assert [r["rank"] for r in rows] == [1, 2, 3] and rows[0]["image_id"] == "watch/image_0002.jpg"
-    assert set(rows[0]) == {"rank", "image_id", "uri", "score"}
+    assert set(rows[0]) == {"rank", "image_id", "uri", "score", "matched_box"}
+    assert len(rows[0]["matched_box"]) == 4
 
 
 def test_unfinished_index_is_refused(tmp_path):
@@ -85,11 +86,11 @@ def test_rerank_reads_only_the_candidates_and_equals_the_whole_store(tiny_featur
     asked = []
     real = s.regions.fetch
     monkeypatch.setattr(s.regions, "fetch", lambda rows: asked.append(np.array(rows)) or real(rows))
-    got_ids, got_sc = s.rerank(qg, ids, scores, 5)
+    got_ids, got_sc = s.rerank([{"gem": g} for g in qg], ids, scores, 5, mode="gem")
     ref_ids, ref_sc = rerank_top(qg, ids, scores, everything.desc, everything.offsets, 5)
     np.testing.assert_array_equal(got_ids, ref_ids)
     np.testing.assert_allclose(got_sc, ref_sc, atol=1e-6)
-    assert len(asked) == 1 and sorted(asked[0].tolist()) == sorted(ids[:, :5].ravel().tolist())
+    assert len(asked) == 1 and sorted(asked[0].tolist()) == sorted(set(ids[:, :5].ravel().tolist()) - {-1})
 
 
 def test_resolve_reads_the_id_parts_of_its_rows(tiny_features, tiny_index):
@@ -128,8 +129,146 @@ def test_ivf_index_on_s3_round_trip(tiny_features, tmp_path, s3_server, s3_bucke
         c = near.pca["crow"].mean.shape[0]
         outs = [{"global": o["global"][:g], "local": o["local"][:g], "crow": o["crow"][:c], "gem": o["gem"][:c]}
                 for o in outs]
-    a = remote.search_vectors(outs, top_k=5, rerank=5)
-    b = near.search_vectors(outs, top_k=5, rerank=5)
+    a = remote.search_vectors(outs, top_k=5, rerank=5, mode="gem")
+    b = near.search_vectors(outs, top_k=5, rerank=5, mode="gem")
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_allclose(a[1], b[1], atol=1e-6)
     assert remote.resolve(a[0][0]) == near.resolve(b[0][0])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Query regions, matched boxes, the region store, batch search
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _regions_table(features):
+    from pipeline.store import feature_store as fstore
+
+    return fstore.read_live_table(features, "regions", {}, ["rank", "box", "descriptor"])
+
+
+def test_region_store_fetch_matches_the_extraction(tiny_features, tiny_index):
+    import numpy as np
+
+    s = Searcher(tiny_index)
+    r = _regions_table(tiny_features["features"])
+    ids = r.column("image_id").to_pylist()
+    rank = r.column("rank").to_numpy()
+    boxes = np.stack(r.column("box").to_numpy(zero_copy_only=False))
+    rows = np.array([5, 0, 5, 17])
+    batch = s.regions.fetch(rows)
+    assert batch.offsets[0] == 0 and len(batch.offsets) == 5 and batch.desc.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(batch.desc, axis=1), 1, atol=1e-5)
+    for k, (iid, _) in enumerate(s.resolve(rows)):
+        mine = sorted(np.flatnonzero(np.array(ids) == iid), key=lambda j: rank[j])
+        np.testing.assert_array_equal(batch.boxes[batch.offsets[k]:batch.offsets[k + 1]], boxes[mine])
+
+
+def test_a_box_searches_exactly_like_a_file_holding_that_region(tiny_features, tiny_index, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    s = Searcher(tiny_index)
+    img = Path(tiny_features["images"]) / "Leopards" / "image_0001.jpg"
+    box = (20.0, 10.0, 140.0, 90.0)
+    with Image.open(img) as im:
+        im.convert("RGB").crop(tuple(int(v) for v in box)).save(tmp_path / "crop.png")
+    a = s.describe([str(img)], [box])[0]
+    b = s.describe([str(tmp_path / "crop.png")])[0]
+    for k in ("global", "crow", "gem", "regions"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+    whole = s.describe([str(img)])[0]
+    assert not np.allclose(whole["crow"], a["crow"])
+    with pytest.raises(ValueError, match="outside"):
+        s.describe([str(img)], [(5000.0, 5000.0, 6000.0, 6000.0)])
+
+
+@pytest.mark.parametrize("mode", ["regions", "gem"])
+def test_matched_box_is_the_best_matching_region_of_the_hit(tiny_features, tiny_index, mode):
+    import numpy as np
+
+    from pipeline.reduce.pca import l2n
+
+    s = Searcher(tiny_index)
+    img = str(Path(tiny_features["images"]) / "watch" / "image_0002.jpg")
+    out = s.describe([img])
+    ids, scores = s.search_vectors(out, top_k=4, rerank=10, mode=mode)
+    hits = s.hits(out, ids, scores, mode)[0]
+    # Reference from the store's own (float16-stored) descriptors: centring amplifies the float16 rounding, so the
+    # extraction's float32 descriptors can pick another region of a near tie.
+    batch = s.regions.fetch(ids[0])
+    q = l2n(out[0]["regions"]) if mode == "regions" else l2n(out[0]["gem"][None])
+    desc = batch.desc
+    if mode == "regions":  # centred on the mean of the index's regions
+        mu = s.regions.center
+        q, desc = l2n(q - mu), l2n(desc - mu)
+    for k, h in enumerate(hits):
+        lo, hi = batch.offsets[k], batch.offsets[k + 1]
+        sims = (q @ desc[lo:hi].T).max(axis=0)  # each of the hit's regions: its best query region
+        np.testing.assert_allclose(h.matched_box, batch.boxes[lo + int(np.argmax(sims))], atol=0.06)
+
+
+def test_search_cli_box_and_sheet(tiny_features, tiny_index, tmp_path):
+    img = str(Path(tiny_features["images"]) / "watch" / "image_0002.jpg")
+    sheet = tmp_path / "hits.png"
+    res = subprocess.run([sys.executable, str(ROOT / "jobs" / "search.py"), "--index", tiny_index, "--image", img,
+                          "--box", "10,10,120,90", "--top-k", "3", "--rerank", "5", "--json", "--sheet", str(sheet)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert len(rows) == 3 and all(len(r["matched_box"]) == 4 for r in rows)
+    from PIL import Image
+
+    with Image.open(sheet) as im:
+        assert im.width > 500  # four tiles across: the query and three hits
+    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "search.py"), "--index", tiny_index, "--image", img,
+                          "--box", "9000,9000,9100,9100"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "outside" in bad.stderr
+
+
+def test_batch_search_writes_one_row_per_query_and_rank(tiny_features, tiny_index, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.schema import search_results_schema
+
+    qdir = tmp_path / "queries"
+    (qdir / "sub").mkdir(parents=True)
+    src = Path(tiny_features["images"])
+    shutil.copy(src / "watch" / "image_0002.jpg", qdir / "sub" / "w.jpg")
+    shutil.copy(src / "Leopards" / "image_0001.jpg", qdir / "l.jpg")
+    (tmp_path / "boxes.csv").write_text("query_id,x1,y1,x2,y2\nsub/w.jpg,10,10,120,90\n")
+    out = tmp_path / "res.parquet"
+    res = subprocess.run([sys.executable, str(ROOT / "jobs" / "search.py"), "--index", tiny_index, "--queries",
+                          str(qdir), "--boxes", str(tmp_path / "boxes.csv"), "--top-k", "3", "--rerank", "5",
+                          "--batch-size", "1", "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    t = pq.read_table(out)
+    assert t.schema.equals(search_results_schema())
+    d = t.to_pylist()
+    assert [(r["query_id"], r["rank"]) for r in d] == [("l.jpg", 1), ("l.jpg", 2), ("l.jpg", 3),
+                                                       ("sub/w.jpg", 1), ("sub/w.jpg", 2), ("sub/w.jpg", 3)]
+    assert d[0]["query_box"] is None and d[3]["query_box"] == [10, 10, 120, 90]
+    # The same as searching one by one.
+    s = Searcher(tiny_index)
+    single = s.search([str(qdir / "sub" / "w.jpg")], top_k=3, rerank=5, boxes=[(10, 10, 120, 90)])[0]
+    assert [r["image_id"] for r in d[3:]] == [h.image_id for h in single]
+    assert [r["score"] for r in d[3:]] == pytest.approx([h.score for h in single], abs=1e-5)
+    assert d[0]["image_id"] == "Leopards/image_0001.jpg"
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"image": "a.jpg", "queries": "q/"}, "one of --image or --queries"),
+    ({}, "one of --image or --queries"),
+    ({"queries": "q/"}, "--queries needs --output"),
+    ({"queries": "q/", "output": "o.parquet", "box": "1,2,3,4"}, "--queries needs --output"),
+    ({"image": "a.jpg", "boxes": "b.csv"}, "--boxes and --output go with --queries"),
+    ({"image": "a.jpg", "box": "5,5,1,1"}, "x1 < x2"),
+    ({"image": "a.jpg", "box": "1,2,3"}, "x1,y1,x2,y2"),
+])
+def test_search_config_refuses_bad_combinations(kw, msg):
+    from pipeline.config import ConfigError, SearchConfig, from_dict
+
+    with pytest.raises(ConfigError, match=msg):
+        from_dict(SearchConfig, {"index": "idx", **kw})

@@ -1,4 +1,5 @@
-"""A benchmark corpus: a dataset's images aligned row by row with their extracted vectors and region descriptors."""
+"""A benchmark corpus: a dataset's images aligned row by row with their extracted vectors and region descriptors;
+the queries' features (corpus rows, or query regions described by the model)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,69 @@ def _local_feature(counts: np.ndarray, desc: np.ndarray) -> np.ndarray:
     if nz.any():
         sums[nz] = np.add.reduceat(desc.astype(np.float64), starts[nz], axis=0)
     return (sums / np.maximum(np.abs(sums).sum(1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+@dataclass
+class Queries:
+    """The benchmark queries' features, row by row.
+
+    Attributes:
+        vectors: method input -> ``(Q, d)`` float32 (as ``Corpus.vectors``).
+        region_desc: ``(Rq, D)`` L2-normalised significant regions of the queries.
+        offsets: ``(Q + 1,)`` offsets into ``region_desc``.
+        self_rows: ``(Q,)`` corpus row of each query's own image where that row is left out of its results and of
+            its query expansion (the labels protocols), else -1.
+        crops: per query ``(path relative to the root, box)`` when the queries are regions described by the model,
+            else None (the queries are corpus rows).
+    """
+
+    vectors: dict[str, np.ndarray]
+    region_desc: np.ndarray
+    offsets: np.ndarray
+    self_rows: np.ndarray
+    crops: list[tuple[str, tuple[float, float, float, float]]] | None = None
+
+
+def corpus_queries(c: Corpus, qrows: np.ndarray) -> Queries:
+    """Queries that are corpus rows: their stored vectors and regions; each query's own row is ``self_rows``.
+
+    Args:
+        c: the corpus.
+        qrows: ``(Q,)`` corpus rows.
+
+    Returns:
+        The queries.
+    """
+    qrows = np.asarray(qrows, dtype=np.int64)
+    counts = c.offsets[qrows + 1] - c.offsets[qrows]
+    offsets = np.zeros(len(qrows) + 1, np.int64)
+    offsets[1:] = np.cumsum(counts)
+    take = np.repeat(c.offsets[qrows] - offsets[:-1], counts) + np.arange(int(offsets[-1]))
+    return Queries({m: v[qrows] for m, v in c.vectors.items()}, c.region_desc[take], offsets, qrows)
+
+
+def described_queries(outs: list[dict[str, np.ndarray]], self_rows: np.ndarray,
+                      crops: list[tuple[str, tuple[float, float, float, float]]],
+                      regions: int | None = None) -> Queries:
+    """Queries described by the model (``retrieval.search.describe_images``), e.g. cropped to their boxes.
+
+    Args:
+        outs: the model's output per query.
+        self_rows: see ``Queries``.
+        crops: per query its path and box.
+        regions: keep each query's top-K regions and recompute its local feature from them, as ``load_corpus`` does
+            for the corpus (None = all).
+
+    Returns:
+        The queries.
+    """
+    k = None if regions is None else int(regions)
+    regs = [o["regions"][:k] for o in outs]
+    counts = np.array([len(r) for r in regs], np.int64)
+    offsets = np.zeros(len(outs) + 1, np.int64)
+    offsets[1:] = np.cumsum(counts)
+    desc = np.concatenate(regs).astype(np.float32) if len(outs) else np.zeros((0, 1), np.float32)
+    vectors = {m: np.stack([o[m] for o in outs]).astype(np.float32) for m in VECTOR_COLUMNS}
+    if regions is not None:
+        vectors["local"] = _local_feature(counts, desc)
+    return Queries(vectors, l2n(desc), offsets, np.asarray(self_rows, np.int64), list(crops))

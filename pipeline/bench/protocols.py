@@ -24,6 +24,11 @@ class Protocol:
         name: the protocol's ``--protocol`` name.
         metric: what ``score`` measures, as written in the report.
         columns: report-table columns beyond ``method`` and ``score``.
+        crops: after ``queries``: per query ``(image path relative to the root, box in original pixels)`` when the
+            queries are image regions, which the runner describes with the model (the path search takes with a box);
+            None when the queries are the corpus rows returned by ``queries``.
+        self_rows: after ``queries``: per query the corpus row left out of its results and its query expansion (its
+            own image under the labels protocols), or -1.
     """
 
     name = ""
@@ -35,6 +40,8 @@ class Protocol:
         self.root = cfg.dataset
         self.corpus: Corpus | None = None
         self.qrows = np.zeros(0, dtype=np.int64)
+        self.crops: list[tuple[str, tuple[float, float, float, float]]] | None = None
+        self.self_rows = np.zeros(0, dtype=np.int64)
 
     def ground_truth(self) -> tuple[list[str], np.ndarray | None]:
         """Read the dataset's ground truth.
@@ -52,11 +59,13 @@ class Protocol:
             corpus: the dataset's images with their features (only images with an ok extraction).
 
         Returns:
-            ``(qrows, extra)``: ``(Q,)`` ``int64`` corpus rows of the queries, and report fields such as
-            ``queries_missing``.
+            ``(qrows, extra)``: ``(Q,)`` ``int64`` corpus rows of the queries (their own image's row, or -1 when the
+            queries are regions: see ``crops``), and report fields such as ``queries_missing``.
         """
         self.corpus = corpus
         self.qrows, extra = self._query_rows(corpus)
+        if self.crops is None or not len(self.self_rows):
+            self.self_rows = self.qrows if self.crops is None else np.full(len(self.qrows), -1, np.int64)
         return self.qrows, extra
 
     def _query_rows(self, corpus: Corpus) -> tuple[np.ndarray, dict[str, Any]]:
@@ -104,9 +113,20 @@ class LabelsProtocol(Protocol):
         return list(corpus.paths)
 
     def _query_rows(self, corpus: Corpus) -> tuple[np.ndarray, dict[str, Any]]:
-        """The ``--queries`` list (or the default queries) that the corpus holds; the others are reported missing."""
-        qpaths = ds.read_query_list(self.cfg.queries) if self.cfg.queries else self._default_queries(corpus)
+        """The ``--queries`` list (or the default queries) that the corpus holds; the others are reported missing.
+
+        With ``--query-boxes`` the queries are the regions that file lists (``path,x1,y1,x2,y2``, original pixels),
+        in its order: each is described by the model, and its own image is left out of its results.
+        """
         row_of = {p: i for i, p in enumerate(corpus.paths)}
+        if getattr(self.cfg, "query_boxes", ""):
+            boxes = read_query_boxes(self.cfg.query_boxes)
+            kept = [(p, b) for p, b in boxes if p in row_of]
+            self.crops = kept
+            qrows = np.array([row_of[p] for p, _ in kept], dtype=np.int64)
+            self.self_rows = qrows
+            return qrows, {"queries_missing": [p for p, _ in boxes if p not in row_of], "query_boxes": len(kept)}
+        qpaths = ds.read_query_list(self.cfg.queries) if self.cfg.queries else self._default_queries(corpus)
         qrows = np.array([row_of[p] for p in qpaths if p in row_of], dtype=np.int64)
         return qrows, {"queries_missing": [p for p in qpaths if p not in row_of]}
 
@@ -156,10 +176,12 @@ class OxfordProtocol(Protocol):
         self.gt = ds.read_oxford_gt(self.cfg.queries or os.path.join(self.root, "gt"))
         paths = sorted(p.relative_to(self.root).as_posix() for p in Path(self.root).rglob("*")
                        if p.suffix.lower() in IMAGE_EXTS)
+        self.paths = paths
         return paths, None
 
     def _query_rows(self, corpus: Corpus) -> tuple[np.ndarray, dict[str, Any]]:
-        """Each query's image (by file stem); its positives and junk as corpus rows.
+        """Each query is its image (found by file stem) cropped to its box (``crops``), as the official protocol
+        describes it; its positives and junk as corpus rows. The query's image stays an ordinary database image.
 
         A positive that failed to extract gets an id past the database (``N + k``), which no ranking holds: it
         counts as not retrieved instead of leaving the positives (which would raise AP). A missing junk image
@@ -171,7 +193,13 @@ class OxfordProtocol(Protocol):
         self.positives = [np.array(sorted(ids[i] for i in q.positives), dtype=np.int64) for q in self.gt]
         self.junk = [np.array(sorted(by_id[i] for i in q.junk if i in by_id), dtype=np.int64) for q in self.gt]
         n_missing = sum(len(q.positives - by_id.keys()) for q in self.gt)
-        return np.array([by_id[q.image_id] for q in self.gt], dtype=np.int64), {"positives_missing": n_missing}
+        file_of = {Path(p).stem: p for p in getattr(self, "paths", corpus.paths)}
+        absent_q = sorted(q.image_id for q in self.gt if q.image_id not in file_of)
+        if absent_q:
+            raise FileNotFoundError(f"query images not found under {self.root}: {absent_q[:5]}")
+        self.crops = [(file_of[q.image_id], tuple(float(v) for v in q.bbox)) for q in self.gt]
+        qrows = np.array([by_id.get(q.image_id, -1) for q in self.gt], dtype=np.int64)
+        return qrows, {"positives_missing": n_missing}
 
     def score(self, ranking: np.ndarray) -> dict[str, float]:
         """Oxford mAP."""
@@ -190,7 +218,8 @@ class RevisitedProtocol(Protocol):
         return [f"jpg/{i}.jpg" for i in self.gnd["imlist"]], None
 
     def _query_rows(self, corpus: Corpus) -> tuple[np.ndarray, dict[str, Any]]:
-        """Each query's image in the corpus; the ground truth moved from ``imlist`` positions to corpus rows.
+        """Each query is its ``qimlist`` image ``jpg/<name>.jpg`` cropped to its ``bbx`` (``crops``), whether or not
+        ``imlist`` holds it; the ground truth moved from ``imlist`` positions to corpus rows.
 
         gnd indices are positions in ``imlist``, while rankings hold corpus rows, which skip images that failed to
         extract: each index is mapped through its image's path, never by position. An easy or hard image without
@@ -208,13 +237,41 @@ class RevisitedProtocol(Protocol):
             easy, hard, junk = (np.asarray(g[k], dtype=np.int64).reshape(-1) for k in ("easy", "hard", "junk"))
             n_missing += int(np.count_nonzero(rows[np.union1d(easy, hard)] < 0))
             self.gnd_rows.append({"easy": pos_ids[easy], "hard": pos_ids[hard], "junk": rows[junk][rows[junk] >= 0]})
-        qrows = np.array([row_of[f"jpg/{q}.jpg"] for q in self.gnd["qimlist"]], dtype=np.int64)
+        qpaths = [f"jpg/{q}.jpg" for q in self.gnd["qimlist"]]
+        absent = [p for p in qpaths if not os.path.isfile(os.path.join(self.root, p))]
+        if absent:
+            raise FileNotFoundError(f"query images not found under {self.root}: {absent[:5]}")
+        self.crops = [(p, tuple(float(v) for v in np.asarray(g["bbx"], dtype=np.float64).reshape(4)))
+                      for p, g in zip(qpaths, self.gnd["gnd"])]
+        qrows = np.array([row_of.get(p, -1) for p in qpaths], dtype=np.int64)
         return qrows, {"positives_missing": n_missing}
 
     def score(self, ranking: np.ndarray) -> dict[str, float]:
         """Medium mAP, with the Easy and Hard mAPs."""
         res = ev.revisited_map(ranking, self.gnd_rows)
         return {"score": res["medium"]["mAP"], "easy": res["easy"]["mAP"], "hard": res["hard"]["mAP"]}
+
+
+def read_query_boxes(path: str) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """A query-regions file: CSV with the header ``path,x1,y1,x2,y2`` (path relative to the dataset root, box in the
+    image's original pixels).
+
+    Returns:
+        ``(path, box)`` per row, in file order.
+
+    Raises:
+        ValueError: a missing column or a bad box.
+    """
+    import csv
+
+    from pipeline.config import parse_box
+
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        cols = ["path", "x1", "y1", "x2", "y2"]
+        if reader.fieldnames is None or any(c not in reader.fieldnames for c in cols):
+            raise ValueError(f"{path}: needs the columns {','.join(cols)}; has {reader.fieldnames}")
+        return [(ds._norm_relpath(r["path"]), parse_box(",".join(r[c] for c in cols[1:]))) for r in reader]
 
 
 PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (CategoryProtocol, LabelsProtocol, OxfordProtocol,

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bench.corpus import Corpus, load_corpus
+from pipeline.bench.corpus import Corpus, Queries, described_queries, load_corpus
 from pipeline.bench.methods import method_rankers, select_methods
 from pipeline.bench.protocols import PROTOCOLS
 from pipeline.bench.report import markdown_table, results_sheet, save_png, to_jsonable
@@ -36,13 +36,42 @@ def extract_dataset(cfg: BenchmarkConfig, out: str, runner: Runner) -> str:
     return out
 
 
-def run(cfg: BenchmarkConfig, runner: Runner | None = None) -> dict[str, Any]:
+def describe_crops(features: str, root: str, crops: list[tuple[str, tuple[float, float, float, float]]],
+                   so: dict[str, Any], model: Any = None, batch_size: int = 16) -> list[dict[str, np.ndarray]]:
+    """Describe query regions with the model that described the corpus (its config is in the features' config.json),
+    through the path search takes with a box (``retrieval.search.describe_images``).
+
+    Args:
+        features: the extraction URL.
+        root: dataset root.
+        crops: per query ``(path relative to root, box)``.
+        so: storage options.
+        model: a region model to use instead (tests).
+        batch_size: images per forward pass.
+
+    Returns:
+        One model output per crop.
+    """
+    from pipeline.retrieval.search import describe_images
+
+    if model is None:
+        from pipeline.config import ModelConfig
+        from pipeline.model.region_model import RegionModel
+
+        mcfg = storage.read_json(storage.join(features, "config.json"), so)["model"]
+        model = RegionModel(ModelConfig(**{"region_scales": "1", **mcfg}), storage_options=so)
+    datas = [storage.read_bytes(os.path.join(root, p), so) for p, _ in crops]
+    return describe_images(model, datas, [b for _, b in crops], names=[p for p, _ in crops], batch_size=batch_size)
+
+
+def run(cfg: BenchmarkConfig, runner: Runner | None = None, model: Any = None) -> dict[str, Any]:
     """Run a benchmark and write ``report.json``, ``report.md`` and ``results.png`` under ``cfg.report``.
 
     Args:
         cfg: the benchmark config.
         runner: what extracts the dataset when ``cfg.features`` is not given (default: this process;
             jobs/benchmark.py passes a RayRunner).
+        model: the region model that describes query regions (default: built from the features' model config).
 
     Returns:
         The report dict.
@@ -67,11 +96,17 @@ def run(cfg: BenchmarkConfig, runner: Runner | None = None) -> dict[str, Any]:
     # 3. Queries.
     qrows, extra = protocol.queries(c)
     extra["queries"] = int(len(qrows))
+    queries: Queries | None = None
+    if protocol.crops is not None:  # query regions: described by the model, like a search with --box
+        tq = time.perf_counter()
+        outs = describe_crops(features, root, protocol.crops, so, model, cfg.batch_size)
+        queries = described_queries(outs, protocol.self_rows, protocol.crops, cfg.regions)
+        timings["describe_queries_s"] = time.perf_counter() - tq
 
     # 4. Methods -> rankings -> scores.
     n_db = len(c.paths)
     wanted = select_methods(cfg.methods)
-    rankers = method_rankers(c, cfg, qrows, protocol.depth(n_db))
+    rankers = method_rankers(c, cfg, qrows, protocol.depth(n_db), queries)
     rows = []
     rankings: dict[str, np.ndarray] = {}
     for m in wanted:

@@ -266,7 +266,11 @@ def build(cfg: IndexConfig, runner: TaskRunner | None = None) -> dict[str, Any]:
     markers = runner.map(tk.reduce_shard, tasks, plan, on_done=progress)
     t2 = time.perf_counter()
     parts, row0, regions, dim = [], 0, 0, 0
+    region_sum: np.ndarray | None = None  # (D,): one vector, whatever the corpus size
     for m in markers:
+        if m.get("regions"):
+            part_sum = np.asarray(m["region_sum"], np.float64)
+            region_sum = part_sum if region_sum is None else region_sum + part_sum
         if m["images"]:
             parts.append({"shard": m["shard"], "row0": row0, "images": m["images"], "regions": m["regions"]})
             row0 += m["images"]
@@ -294,7 +298,8 @@ def build(cfg: IndexConfig, runner: TaskRunner | None = None) -> dict[str, Any]:
         "images": row0, "regions": regions, "factory": rec["factory"], "dims": rec["dims"], "recall": recall,
         "parts": [{"name": p["shard"], "row0": p["row0"], "images": p["images"], "regions": p["regions"]}
                   for p in parts],
-        "region_store": {"codec": cfg.region_codec, "dim": dim},
+        "region_store": {"codec": cfg.region_codec, "dim": dim,
+                         "center": None if region_sum is None else [float(v) for v in region_sum / regions]},
         "tasks": {"count": len(tasks), "max_rss_mb": max((m.get("max_rss_mb", 0.0) for m in markers), default=0.0)},
         "driver_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "seconds": {"train": round(t1 - t0, 3), "tasks": round(t2 - t1, 3), "merge": round(t3 - t2, 3)},

@@ -178,6 +178,9 @@ def reduce_shard(task: tuple[int, fstore.LiveShardRef], plan: Plan) -> dict[str,
         boxes = column_to_numpy(r, "box")[rows] if len(rows) else np.zeros((0, 4), np.float32)
         marker["files"].update(rs.write_part(plan.output, name, counts, desc, boxes, plan.codec, plan.so))
         marker["regions"] = int(counts.sum())
+        # The sum of the descriptors as search decodes them: the driver turns the parts' sums into the store's mean
+        # region, which region-to-region matching removes (search.Searcher, rerank.match_regions).
+        marker["region_sum"] = [float(v) for v in rs.decode(rs.encode(desc, plan.codec)).sum(axis=0, dtype=np.float64)]
         marker["dim"] = int(desc.shape[1]) if len(rows) else 0
     marker["seconds"] = round(time.perf_counter() - t0, 3)
     marker["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -177,6 +177,142 @@ def rerank_top(q_global: np.ndarray, ids: np.ndarray, scores: np.ndarray, region
             np.concatenate([top_sc, np.asarray(scores[:, n:], dtype=top_sc.dtype)], axis=1))
 
 
+# Region-to-region matching (``match_regions``): the selectivity exponent and threshold of the default. With centred
+# descriptors, ASMK's alpha = 3 and any threshold measured worse than the plain mean of best matches (BENCHMARKS.md).
+MATCH_ALPHA = 1.0
+MATCH_TAU = float("-inf")
+
+
+def selectivity(x: np.ndarray, alpha: float, tau: float) -> np.ndarray:
+    """ASMK's selectivity function (Tolias et al. 2013): ``sign(x) |x|^alpha`` where ``x > tau``, else 0.
+
+    Args:
+        x: similarities.
+        alpha: exponent (1 = identity above the threshold); larger values favour strong matches.
+        tau: threshold; similarities at or below it count nothing.
+
+    Returns:
+        float32 array of ``x``'s shape.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    return np.where(x > tau, np.sign(x) * np.abs(x) ** np.float32(alpha), np.float32(0)).astype(np.float32)
+
+
+def match_regions(q_regions: np.ndarray, q_offsets: np.ndarray, cand_ids: np.ndarray, region_desc: np.ndarray,
+                  offsets: np.ndarray, alpha: float = MATCH_ALPHA, tau: float = MATCH_TAU,
+                  center: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Region-to-region similarity of each query with each of its candidates, and the candidate region that matched.
+
+    Query ``q`` owns the rows ``q_offsets[q]:q_offsets[q + 1]`` of ``q_regions`` (its significant regions
+    ``a_1..a_m``), candidate ``c`` the rows ``offsets[c]:offsets[c + 1]`` of ``region_desc`` (``r_1..r_n``); all
+    vectors are L2-normalised. Then::
+
+        m_i  = max_j <a_i, r_j>                     (each query region's best match in the candidate)
+        sim  = (1/m) * sum_i selectivity(m_i)       (alpha, tau: see ``selectivity``)
+        best = argmax_j max_i <a_i, r_j>            (the candidate region in the best single pair, a region_desc row)
+
+    ``sim`` is NaN and ``best`` -1 where the query or the candidate has no regions, or the id is ``< 0`` (padding).
+    With one query region, ``alpha=1``, ``tau=-inf`` and no ``center``, ``sim`` is ``region_rerank``'s max mode.
+
+    With ``center`` (the mean of the database's L2-normalised region descriptors), every vector ``v`` is replaced by
+    ``l2n(v - center)`` first. CNN region descriptors share a large common component (all activations are
+    non-negative, so every cosine is high); removing it makes the best match of a query region discriminative.
+
+    Args:
+        q_regions: ``(Rq, D)`` query regions, L2-normalised.
+        q_offsets: ``(Q + 1,)`` int64 offsets into ``q_regions``.
+        cand_ids: ``(Q, N)`` int64 candidate ids (rows of ``offsets``), ``-1`` for padding.
+        region_desc: ``(R, D)`` candidate regions, L2-normalised (float16 is upcast).
+        offsets: ``(N_db + 1,)`` int64 offsets into ``region_desc``.
+        alpha: selectivity exponent.
+        tau: selectivity threshold.
+        center: ``(D,)`` vector subtracted from every descriptor (then re-normalised), or None.
+
+    Returns:
+        ``(sim (Q, N) float32, best (Q, N) int64)``.
+
+    Raises:
+        ValueError: on mismatched shapes or inconsistent offsets.
+    """
+    q_offsets = _check_offsets(q_offsets, len(q_regions))
+    offsets = _check_offsets(offsets, len(region_desc))
+    cand = np.asarray(cand_ids, dtype=np.int64)
+    if cand.ndim != 2 or cand.shape[0] != len(q_offsets) - 1:
+        raise ValueError(f"cand_ids must be ({len(q_offsets) - 1}, N), got {cand.shape}")
+    if cand.size and cand.max() >= len(offsets) - 1:
+        raise ValueError(f"candidate id {cand.max()} out of range for {len(offsets) - 1} database images")
+    if len(q_regions) and len(region_desc) and q_regions.shape[1] != region_desc.shape[1]:
+        raise ValueError(f"query regions have {q_regions.shape[1]} dims, candidate regions {region_desc.shape[1]}")
+    sim = np.full(cand.shape, np.nan, np.float32)
+    best = np.full(cand.shape, -1, np.int64)
+    valid = cand >= 0
+    safe = np.where(valid, cand, 0)
+    starts = offsets[safe]
+    counts = np.where(valid, offsets[safe + 1] - starts, 0)
+    for qi in range(cand.shape[0]):  # per query: one (m, T) product over all its candidates' regions
+        a = _centred(np.asarray(q_regions[q_offsets[qi]:q_offsets[qi + 1]], dtype=np.float32), center)
+        cnt = counts[qi]
+        total = int(cnt.sum())
+        if len(a) == 0 or total == 0:
+            continue
+        run_begin = np.cumsum(cnt) - cnt
+        rows = np.repeat(starts[qi], cnt) + (np.arange(total) - np.repeat(run_begin, cnt))
+        s = a @ _centred(np.asarray(region_desc[rows], dtype=np.float32), center).T  # (m, T)
+        has = cnt > 0
+        b = run_begin[has]
+        sim[qi, has] = selectivity(np.maximum.reduceat(s, b, axis=1), alpha, tau).mean(axis=0)
+        col = s.max(axis=0)  # each candidate region's best query region
+        run_max = np.maximum.reduceat(col, b)
+        owner = np.repeat(np.arange(len(b)), cnt[has])
+        first = np.minimum.reduceat(np.where(col == run_max[owner], np.arange(total), total), b)
+        best[qi, has] = rows[first]
+    return sim, best
+
+
+def _centred(x: np.ndarray, center: np.ndarray | None) -> np.ndarray:
+    """``l2n(x - center)`` row-wise (``x`` itself without a center)."""
+    if center is None:
+        return x
+    y = x - np.asarray(center, dtype=np.float32)
+    return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), np.float32(1e-12))
+
+
+def rerank_regions_top(q_regions: np.ndarray, q_offsets: np.ndarray, ids: np.ndarray, scores: np.ndarray,
+                       region_desc: np.ndarray, offsets: np.ndarray, n: int, weight: float = RERANK_ALPHA,
+                       alpha: float = MATCH_ALPHA, tau: float = MATCH_TAU,
+                       center: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank the first ``n`` columns of a ranking by region-to-region matching (``match_regions``); keep the rest.
+
+    ``score = weight * sim + (1 - weight) * first-pass score``; a candidate without regions (or a query without
+    any) keeps its first-pass score; padding (id ``< 0``) gets ``-inf``. Stable: ties keep the first-pass order.
+
+    Args:
+        q_regions: ``(Rq, D)`` query regions, L2-normalised.
+        q_offsets: ``(Q + 1,)`` offsets into ``q_regions``.
+        ids: ``(Q, M)`` ranking, best first.
+        scores: ``(Q, M)`` its scores.
+        region_desc: ``(R, D)`` candidate regions, L2-normalised.
+        offsets: ``(N_db + 1,)`` offsets into ``region_desc``.
+        n: how many leading candidates to re-rank (clipped to ``M``).
+        weight: weight of the region similarity.
+        alpha: selectivity exponent.
+        tau: selectivity threshold.
+        center: the database's mean region descriptor, removed before matching (see ``match_regions``), or None.
+
+    Returns:
+        ``(ids, scores)`` of the same shape, the first ``n`` columns re-ranked.
+    """
+    n = min(n, ids.shape[1])
+    cand = np.asarray(ids[:, :n], dtype=np.int64)
+    init = np.asarray(scores[:, :n], dtype=np.float32)
+    sim, _ = match_regions(q_regions, q_offsets, cand, region_desc, offsets, alpha, tau, center)
+    top = np.where(np.isnan(sim), init, np.float32(weight) * sim + np.float32(1 - weight) * init)
+    top = np.where(cand >= 0, top, -np.inf).astype(np.float32)
+    order = np.argsort(-top, axis=1, kind="stable")
+    return (np.concatenate([np.take_along_axis(cand, order, axis=1), ids[:, n:]], axis=1),
+            np.concatenate([np.take_along_axis(top, order, axis=1), np.asarray(scores[:, n:], np.float32)], axis=1))
+
+
 def average_query_expansion(q: np.ndarray, db: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     """Average query expansion, AQE (Chum et al. 2007).
 

@@ -104,7 +104,8 @@ class RegionStore:
     """Reads the regions of given index rows from a finished index folder, with ranged reads of only those rows.
 
     The folder's done-marker lists the parts (``parts``: name, first row, images, regions, in row order) and the
-    codec (``region_store``: codec, dim). Each part's small offsets file is read (and checked against its sha256)
+    codec (``region_store``: codec, dim, and ``center``: the ``(D,)`` mean of every decoded region descriptor, which
+    region-to-region matching subtracts). Each part's small offsets file is read (and checked against its sha256)
     the first time one of its rows is asked for, then kept.
 
     Args:
@@ -122,6 +123,9 @@ class RegionStore:
         if info is None or "parts" not in meta:
             raise StorageError(f"{index_url}: an index of an older layout (no sharded region store); rebuild it")
         self.codec, self.dim = info["codec"], int(info["dim"])
+        center = info.get("center")
+        # The mean of every stored (decoded) region descriptor, computed by the build from its parts' sums.
+        self.center: np.ndarray | None = None if center is None else np.asarray(center, np.float32)
         self.dtype = np.dtype(CODECS[self.codec])
         self.parts = meta["parts"]
         self.row0 = np.array([p["row0"] for p in self.parts], np.int64)
