@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.bench.corpus import load_corpus  # noqa: E402
 from pipeline.bench.diffusion import dba, diffusion_ranking  # noqa: E402
-from pipeline.bench.metrics import rank_by_similarity  # noqa: E402
 from pipeline.bench.methods import DESCRIPTOR_METHODS, expansion_neighbours  # noqa: E402
+from pipeline.bench.metrics import rank_by_similarity  # noqa: E402
 from pipeline.bench.paired import holdout_rows  # noqa: E402
 from pipeline.bench.protocols import PROTOCOLS  # noqa: E402
 from pipeline.bench.repool import repool_local  # noqa: E402
@@ -125,7 +125,7 @@ def main() -> None:
             t = time.perf_counter()
             rk = diffusion_ranking(ours, qrows, depth, k=k, alpha=alpha, seeds=seeds)
             score(f"ours+diffusion k={k} a={alpha} s={seeds}", rk, time.perf_counter() - t)
-    rows, best = holdout_rows(per, protocol.list_pos, list(protocol.lists)[0], DESCRIPTOR_METHODS)
+    rows, best = holdout_rows(per, protocol.list_pos, next(iter(protocol.lists)), DESCRIPTOR_METHODS)
     print(f"| variant | tune | report mean | std | vs global | vs {best} | ms/query |\n|---|---|---|---|---|---|---|")
     for row in rows:
         g = [f"{100 * row[f'gain_{b}']:+.2f} [{100 * row[f'gain_{b}_lo']:+.2f}, {100 * row[f'gain_{b}_hi']:+.2f}]"

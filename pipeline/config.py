@@ -322,6 +322,11 @@ class BenchmarkConfig(ModelConfig, HasStorage):
     rerank: int = _opt(100, "top-N re-ranked by regions (crow+rerank)")
     qe: int = _opt(5, "query expansion depth")
     bow_words: int = _opt(1000, "BoW vocabulary size")
+    dba_k: int = _opt(10, "ours+dba: neighbours averaged into each database vector")
+    dba_alpha: float = _opt(0.0, "ours+dba: neighbour weight exponent (similarity ** alpha; 0 = plain average)")
+    diffusion_k: int = _opt(30, "ours+diffusion: neighbours per image in the database graph")
+    diffusion_alpha: float = _opt(0.9, "ours+diffusion: diffusion strength in [0, 1)")
+    diffusion_seeds: int = _opt(10, "ours+diffusion: query neighbours that seed the diffusion")
     figure_queries: int = _opt(4, "queries shown in the results picture")
     seed: int = _opt(0, "seed of the random query sample")
     tune_seed: int = _opt(-1, "tune on one query list, report on others: the tune list's seed (category: the "
@@ -338,6 +343,8 @@ class BenchmarkConfig(ModelConfig, HasStorage):
             raise ConfigError("--report is required")
         if self.k < 1 or self.rerank < 0 or self.qe < 0 or self.pca_dim < 1:
             raise ConfigError("k, pca_dim must be >= 1; rerank, qe >= 0")
+        if self.dba_k < 0 or self.diffusion_k < 1 or self.diffusion_seeds < 1 or not 0 <= self.diffusion_alpha < 1:
+            raise ConfigError("dba_k must be >= 0; diffusion_k, diffusion_seeds >= 1; diffusion_alpha in [0, 1)")
         if self.tune_seed < -1:
             raise ConfigError("--tune-seed must be >= 0, or -1 for one query list")
         if self.tune_seed >= 0 and self.protocol not in ("category", "labels"):

@@ -296,7 +296,7 @@ def test_category_protocol_tune_and_report_lists(tiny_features, tmp_path):
         assert g["lists"][n] == pytest.approx(np.mean(precs))
     assert g["mean"] == pytest.approx(np.mean([g["lists"]["report_seed4"], g["lists"]["report_seed5"]]))
     assert g["std"] == pytest.approx(np.std([g["lists"]["report_seed4"], g["lists"]["report_seed5"]], ddof=1))
-    assert report["queries"] == len(set(sum(lists.values(), [])))
+    assert report["queries"] == len({p for paths in lists.values() for p in paths})
 
 
 def test_tune_seed_config_errors(tiny_features, tmp_path):
@@ -313,3 +313,35 @@ def test_tune_seed_config_errors(tiny_features, tmp_path):
     with pytest.raises(ValueError, match="exclude each other"):
         bm.run(_cfg(tiny_features, str(tmp_path / "r"), protocol="category", queries=str(q), tune_seed=0,
                     methods="global"))
+
+
+def test_dba_and_diffusion_rows_rank_as_their_references(monkeypatch):
+    # Unit vectors at 0, 20, 50, 60 and 100 degrees; ours = db; queries rows 0 and 4.
+    db = np.stack([_unit(a) for a in (0, 20, 50, 60, 100)])
+    _qe_rankers(monkeypatch, db, [0, 4])  # method_vectors patched: ours = crow = db
+    from types import SimpleNamespace
+
+    from pipeline.bench import methods
+    from pipeline.bench.corpus import Corpus
+
+    c = Corpus("", [f"{i}.jpg" for i in range(5)], None, {"gem": db}, np.zeros((0, 2), np.float32),
+               np.zeros(6, np.int64), [])
+    cfg = SimpleNamespace(qe=1, rerank=5, dba_k=1, dba_alpha=0.0, diffusion_k=1, diffusion_alpha=0.5,
+                          diffusion_seeds=1)
+    rankers = methods.method_rankers(c, cfg, np.array([0, 4]), 5)
+    # DBA with k = 1: each vector averaged with its nearest other one (0+20, 20+0, 50+60, 60+50, 100+60).
+    nn = [1, 0, 3, 2, 3]
+    aug = db + db[nn]
+    aug /= np.linalg.norm(aug, axis=1, keepdims=True)
+    ref = np.argsort(-(db[[0, 4]] @ aug.T), axis=1, kind="stable")
+    np.testing.assert_array_equal(rankers["ours+dba"](), ref)
+    # + AQE over the DBA'd vectors of the first non-self result.
+    first = [[i for i in r if i != q][0] for r, q in zip(ref, (0, 4))]
+    q2 = db[[0, 4]] + aug[first]
+    q2 /= np.linalg.norm(q2, axis=1, keepdims=True)
+    np.testing.assert_array_equal(rankers["ours+dba+qe"](), np.argsort(-(q2 @ aug.T), axis=1, kind="stable"))
+    # Diffusion from the query's single seed (itself) over the 1-NN graph: its graph component {0, 1} first, then the
+    # rest by similarity.
+    got = rankers["ours+diffusion"]()
+    assert got[0].tolist() == [0, 1, 2, 3, 4]
+    assert got[1, 0] == 4 and set(got[1, :3].tolist()) == {4, 3, 2}

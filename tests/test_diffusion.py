@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from pipeline.bench.diffusion import dba, diffusion_ranking, diffusion_scores, knn_graph
 
 

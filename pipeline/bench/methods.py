@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.bench.corpus import Corpus
+from pipeline.bench.diffusion import dba, diffusion_ranking
 from pipeline.bench.metrics import rank_by_similarity
 from pipeline.config import BenchmarkConfig
 from pipeline.reduce.pca import PCA, fuse, l2n
@@ -17,6 +18,8 @@ from pipeline.schema import GLOBAL_KINDS
 # The global descriptors of one forward pass, each ranked on its own (the classic baselines and the paper's global).
 DESCRIPTOR_METHODS = GLOBAL_KINDS
 ALL_METHODS = ("bow",) + DESCRIPTOR_METHODS + ("ours", "ours+qe", "crow+rerank", "crow+rerank+qe")
+# On top of `ours`: database-side augmentation (alone and with AQE) and diffusion over a kNN graph of the database.
+ALL_METHODS += ("ours+dba", "ours+dba+qe", "ours+diffusion")
 
 
 def select_methods(methods: str) -> list[str]:
@@ -140,4 +143,20 @@ def method_rankers(c: Corpus, cfg: BenchmarkConfig, qrows: np.ndarray,
     rankers["crow+rerank"] = lambda: rerank_ranking(c, vec, qrows, depth, cfg.rerank, 0)
     rankers["crow+rerank+qe"] = lambda: rerank_ranking(c, vec, qrows, depth, cfg.rerank, cfg.qe)
     rankers["bow"] = bow
+
+    def ours_dba(qe: int) -> np.ndarray:
+        """``ours`` against a DBA'd database (the query keeps its own vector: a new image has no DBA vector); with
+        ``qe`` > 0, AQE over the DBA'd vectors of its top ``qe`` results other than itself."""
+        ours = vec["ours"]
+        db = dba(ours, cfg.dba_k, cfg.dba_alpha)
+        q = ours[qrows]
+        if qe > 0:
+            first = rank_by_similarity(q, db, qe + 1)
+            q = average_query_expansion(q, db, expansion_neighbours(first, qrows, qe), qe)
+        return rank_by_similarity(q, db, depth)
+
+    rankers["ours+dba"] = lambda: ours_dba(0)
+    rankers["ours+dba+qe"] = lambda: ours_dba(cfg.qe)
+    rankers["ours+diffusion"] = lambda: diffusion_ranking(
+        vec["ours"], qrows, depth, k=cfg.diffusion_k, alpha=cfg.diffusion_alpha, seeds=cfg.diffusion_seeds)
     return rankers
