@@ -58,7 +58,7 @@ class Protocol:
         self.corpus = corpus
         self.lists: dict[str, list[str]] = {}
         self.list_pos: dict[str, np.ndarray] = {}
-        if self.cfg.tune_seed < 0:
+        if getattr(self.cfg, "tune_seed", -1) < 0:  # (stand-in configs in tests have no tune_seed)
             self.qrows, extra = self._query_rows(corpus)
             return self.qrows, extra
         # Tune on one list, report on others: every list's queries are ranked once (their union); each list is then
