@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--protocol", default="category")
     ap.add_argument("--tune-seed", type=int, default=0)
     ap.add_argument("--report-seeds", default="1,2,3,4,5")
-    ap.add_argument("--only", default="", help="comma-separated variant groups: base,nms,weight,lw,dba,diff,qe")
+    ap.add_argument("--only", default="", help="comma-separated variant groups: base,nms,weight,lw,dba,diff,qe (default: these), fuse2,dba2,diff2")
     a = ap.parse_args()
     cfg = BenchmarkConfig(dataset=a.dataset, features=a.features, protocol=a.protocol, report="-",
                           tune_seed=a.tune_seed, report_seeds=a.report_seeds)
@@ -67,9 +67,16 @@ def main() -> None:
     per: dict[str, np.ndarray] = {}
     cost: dict[str, float] = {}
 
+    tune = next(iter(protocol.lists))
+
     def score(name: str, ranking: np.ndarray, seconds: float = 0.0) -> None:
         per[name] = protocol.per_query(ranking)
         cost[name] = 1000 * seconds / len(qrows)
+        # A first look as each variant finishes (the final table below has the intervals).
+        some = {m: per[m] for m in dict.fromkeys(("global", "rmac", name)) if m in per}
+        row = holdout_rows(some, protocol.list_pos, tune, boot=0)[0][-1]
+        print(f"  {name}: tune {row['tune']:.4f}, report mean {row['mean']:.4f}, "
+              f"vs global {100 * row.get('gain_global', 0):+.2f}, {cost[name]:.2f} ms/query", flush=True)
 
     def ours_vec(local: np.ndarray, w: float = 1.0, g: np.ndarray | None = None) -> np.ndarray:
         fused = fuse(c.vectors["global"] if g is None else g, local, w)
@@ -125,7 +132,25 @@ def main() -> None:
             t = time.perf_counter()
             rk = diffusion_ranking(ours, qrows, depth, k=k, alpha=alpha, seeds=seeds)
             score(f"ours+diffusion k={k} a={alpha} s={seeds}", rk, time.perf_counter() - t)
-    rows, best = holdout_rows(per, protocol.list_pos, next(iter(protocol.lists)), DESCRIPTOR_METHODS)
+    if "fuse2" in groups:
+        g2 = np.concatenate([l2n(c.vectors["global"]), l2n(c.vectors["rmac"])], axis=1)
+        for label, g, w in (("rmac+local", c.vectors["rmac"], 1.0), ("global+rmac w=1.5", g2, 1.5),
+                            ("global+rmac+gem", np.concatenate([g2, l2n(c.vectors["gem"])], axis=1), 1.0)):
+            v = ours_vec(base_local, w, g)
+            score(f"ours {label}", rank_by_similarity(v[qrows], v, depth))
+    if "dba2" in groups:
+        for k, alpha in ((20, 3.0), (10, 3.0), (40, 3.0)):
+            t = time.perf_counter()
+            v = dba(ours, k, alpha)
+            first = rank_by_similarity(ours[qrows], v, 6)
+            q2 = average_query_expansion(ours[qrows], v, expansion_neighbours(first, qrows, 5), 5)
+            score(f"ours+dba k={k} a={alpha}+qe", rank_by_similarity(q2, v, depth), time.perf_counter() - t)
+    if "diff2" in groups:
+        for k, alpha, seeds in ((10, 0.8, 5), (15, 0.8, 3), (20, 0.7, 5), (20, 0.8, 3), (20, 0.9, 5), (20, 0.8, 8)):
+            t = time.perf_counter()
+            rk = diffusion_ranking(ours, qrows, depth, k=k, alpha=alpha, seeds=seeds)
+            score(f"ours+diffusion k={k} a={alpha} s={seeds}", rk, time.perf_counter() - t)
+    rows, best = holdout_rows(per, protocol.list_pos, tune, DESCRIPTOR_METHODS)
     print(f"| variant | tune | report mean | std | vs global | vs {best} | ms/query |\n|---|---|---|---|---|---|---|")
     for row in rows:
         g = [f"{100 * row[f'gain_{b}']:+.2f} [{100 * row[f'gain_{b}_lo']:+.2f}, {100 * row[f'gain_{b}_hi']:+.2f}]"

@@ -94,7 +94,7 @@ def holdout_rows(per_query: dict[str, np.ndarray], lists: dict[str, np.ndarray],
 
     Returns:
         ``(rows, best)``: one dict per method in ``per_query`` order with ``method``, ``tune``, ``mean``, ``std``
-        (``ddof=1`` over the report lists, 0 with one), ``lists`` (name -> score), and for each baseline present
+        (``ddof=1`` over the report lists, None with one), ``lists`` (name -> score), and for each baseline present
         ``gain_<baseline>``, ``gain_<baseline>_se``, ``gain_<baseline>_lo``, ``gain_<baseline>_hi``; and the best
         descriptor's name (None without any).
     """
@@ -113,7 +113,7 @@ def holdout_rows(per_query: dict[str, np.ndarray], lists: dict[str, np.ndarray],
         by_list = {name: list_score(m, name) for name in lists}
         rep = np.array([by_list[n] for n in reports])
         row: dict = {"method": m, "tune": by_list[tune], "mean": float(rep.mean()),
-                     "std": float(rep.std(ddof=1)) if rep.size > 1 else 0.0, "lists": by_list}
+                     "std": float(rep.std(ddof=1)) if rep.size > 1 else None, "lists": by_list}
         for b in baselines:
             g = paired_gain([scores[lists[n]] for n in reports], [per_query[b][lists[n]] for n in reports],
                             boot=boot, seed=seed)

@@ -55,7 +55,7 @@ def holdout_table(rows: Sequence[dict[str, Any]], tune: str, reports: Sequence[s
         return f"{100 * r[f'gain_{b}']:+.2f} [{100 * r[f'gain_{b}_lo']:+.2f}, {100 * r[f'gain_{b}_hi']:+.2f}]"
 
     for r in rows:
-        cells = [r["method"], f"{r['tune']:.4f}", f"{r['mean']:.4f}", f"{r['std']:.4f}",
+        cells = [r["method"], f"{r['tune']:.4f}", f"{r['mean']:.4f}", "" if r["std"] is None else f"{r['std']:.4f}",
                  *(f"{r['lists'][n]:.4f}" for n in reports), *(gain(r, b) for b in baselines),
                  "" if r.get("seconds") is None else f"{r['seconds']:.2f}",
                  "" if r.get("ms_per_query") is None else f"{r['ms_per_query']:.2f}"]
