@@ -155,7 +155,8 @@ def main() -> None:
     for row in rows:
         g = [f"{100 * row[f'gain_{b}']:+.2f} [{100 * row[f'gain_{b}_lo']:+.2f}, {100 * row[f'gain_{b}_hi']:+.2f}]"
              for b in ("global", best)]
-        print(f"| {row['method']} | {row['tune']:.4f} | {row['mean']:.4f} | {row['std']:.4f} | {g[0]} | {g[1]} | "
+        std = "" if row["std"] is None else f"{row['std']:.4f}"
+        print(f"| {row['method']} | {row['tune']:.4f} | {row['mean']:.4f} | {std} | {g[0]} | {g[1]} | "
               f"{cost[row['method']]:.2f} |")
 
 

@@ -319,6 +319,8 @@ class BenchmarkConfig(ModelConfig, HasStorage):
     merge_faces: bool = _opt(True, "Caltech-101: count Faces and Faces_easy as one class (same photographs)")
     pca_dim: int = _opt(512, "PCA dimension for the fused feature")
     local_weight: float = _opt(1.0, "weight of the local feature in the fused vector")
+    fuse_global: str = _opt("global", "global part of `ours` fused with the local feature: the paper's global CNN "
+                                      "feature, R-MAC instead, or both", choices=("global", "rmac", "global+rmac"))
     rerank: int = _opt(100, "top-N re-ranked by regions (crow+rerank)")
     qe: int = _opt(5, "query expansion depth")
     bow_words: int = _opt(1000, "BoW vocabulary size")

@@ -345,3 +345,17 @@ def test_dba_and_diffusion_rows_rank_as_their_references(monkeypatch):
     got = rankers["ours+diffusion"]()
     assert got[0].tolist() == [0, 1, 2, 3, 4]
     assert got[1, 0] == 4 and set(got[1, :3].tolist()) == {4, 3, 2}
+
+
+def test_fuse_global_part_choices():
+    from pipeline.bench.corpus import Corpus
+    from pipeline.bench.methods import fuse_global_part
+
+    g = np.array([[3.0, 4.0]], np.float32)
+    r = np.array([[0.0, 2.0]], np.float32)
+    c = Corpus("", ["a.jpg"], None, {"global": g, "rmac": r}, np.zeros((0, 2), np.float32), np.zeros(2, np.int64), [])
+    np.testing.assert_array_equal(fuse_global_part(c, "global"), g)
+    np.testing.assert_array_equal(fuse_global_part(c, "rmac"), r)
+    np.testing.assert_allclose(fuse_global_part(c, "global+rmac"), [[0.6, 0.8, 0.0, 1.0]])
+    with pytest.raises(ValueError, match="unknown fuse_global"):
+        fuse_global_part(c, "gem")

@@ -45,9 +45,30 @@ def method_vectors(c: Corpus, cfg: BenchmarkConfig) -> dict[str, np.ndarray]:
     """L2-normalised database vectors of each descriptor method and of ``ours`` (paper 2.4: PCA + L2 of the fused
     global + local vector; PCA is fitted on the database itself, unsupervised)."""
     out = {m: l2n(c.vectors[m]) for m in DESCRIPTOR_METHODS}
-    fused = fuse(c.vectors["global"], c.vectors["local"], cfg.local_weight)
+    fused = fuse(fuse_global_part(c, cfg.fuse_global), c.vectors["local"], cfg.local_weight)
     out["ours"] = PCA.fit(fused, cfg.pca_dim).transform(fused)
     return out
+
+
+def fuse_global_part(c: Corpus, kind: str) -> np.ndarray:
+    """The global part of ``ours`` before fusion: the paper's global CNN feature (``global``), R-MAC instead
+    (``rmac``), or both L2-normalised side by side (``global+rmac``).
+
+    Args:
+        c: the corpus.
+        kind: one of ``FUSE_GLOBALS``.
+
+    Returns:
+        ``(N, d)`` vectors (fuse L2-normalises them as a whole).
+    """
+    if kind == "global+rmac":
+        return np.concatenate([l2n(c.vectors["global"]), l2n(c.vectors["rmac"])], axis=1)
+    if kind in ("global", "rmac"):
+        return c.vectors[kind]
+    raise ValueError(f"unknown fuse_global {kind!r}; known: {FUSE_GLOBALS}")
+
+
+FUSE_GLOBALS = ("global", "rmac", "global+rmac")
 
 
 def rerank_ranking(c: Corpus, vec: dict[str, np.ndarray], qrows: np.ndarray, depth: int, n: int,
