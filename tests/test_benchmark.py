@@ -336,7 +336,7 @@ def test_dba_and_diffusion_rows_rank_as_their_references(monkeypatch):
     ref = np.argsort(-(db[[0, 4]] @ aug.T), axis=1, kind="stable")
     np.testing.assert_array_equal(rankers["ours+dba"](), ref)
     # + AQE over the DBA'd vectors of the first non-self result.
-    first = [[i for i in r if i != q][0] for r, q in zip(ref, (0, 4))]
+    first = [next(i for i in r if i != q) for r, q in zip(ref, (0, 4))]
     q2 = db[[0, 4]] + aug[first]
     q2 /= np.linalg.norm(q2, axis=1, keepdims=True)
     np.testing.assert_array_equal(rankers["ours+dba+qe"](), np.argsort(-(q2 @ aug.T), axis=1, kind="stable"))
