@@ -22,6 +22,7 @@ from pipeline.bench import datasets as ds  # noqa: E402
 from pipeline.bench import metrics as ev  # noqa: E402
 from pipeline.bench.corpus import load_corpus  # noqa: E402
 from pipeline.bench.methods import method_vectors  # noqa: E402
+from pipeline.bench.paired import paired_gain  # noqa: E402
 from pipeline.config import BenchmarkConfig  # noqa: E402
 from pipeline.reduce.pca import l2n  # noqa: E402
 
@@ -56,13 +57,10 @@ def main() -> None:
     n = len(qrows)
     for m, v in p.items():
         print(f"{m}: {v.mean():.4f} (standard error {v.std(ddof=1) / np.sqrt(n):.4f})")
-    rng = np.random.default_rng(0)
     for base in [m for m in p if m != "ours"]:
-        d = p["ours"] - p[base]
-        boot = [d[rng.integers(0, n, n)].mean() for _ in range(a.boot)]
-        lo, hi = np.percentile(boot, [2.5, 97.5])
-        print(f"ours - {base}: {d.mean():+.4f} (paired standard error {d.std(ddof=1) / np.sqrt(n):.4f}, "
-              f"bootstrap 95% interval {lo:+.4f} .. {hi:+.4f}, {n} queries)")
+        g = paired_gain([p["ours"]], [p[base]], boot=a.boot, seed=0)  # each baseline's resamples from seed 0
+        print(f"ours - {base}: {g.gain:+.4f} (paired standard error {g.se:.4f}, "
+              f"bootstrap 95% interval {g.lo:+.4f} .. {g.hi:+.4f}, {g.queries} queries)")
 
 
 if __name__ == "__main__":

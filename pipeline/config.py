@@ -366,11 +366,22 @@ class BenchmarkConfig(ModelConfig, HasStorage):
     merge_faces: bool = _opt(True, "Caltech-101: count Faces and Faces_easy as one class (same photographs)")
     pca_dim: int = _opt(512, "PCA dimension for the fused feature")
     local_weight: float = _opt(1.0, "weight of the local feature in the fused vector")
+    fuse_global: str = _opt("global", "global part of `ours` fused with the local feature: the paper's global CNN "
+                                      "feature, R-MAC instead, or both", choices=("global", "rmac", "global+rmac"))
     rerank: int = _opt(100, "top-N re-ranked by regions (crow+rerank)")
     qe: int = _opt(5, "query expansion depth")
     bow_words: int = _opt(1000, "BoW vocabulary size")
+    dba_k: int = _opt(20, "ours+dba: neighbours averaged into each database vector")
+    dba_alpha: float = _opt(3.0, "ours+dba: neighbour weight exponent (similarity ** alpha; 0 = plain average)")
+    diffusion_k: int = _opt(20, "ours+diffusion: neighbours per image in the database graph")
+    diffusion_alpha: float = _opt(0.8, "ours+diffusion: diffusion strength in [0, 1)")
+    diffusion_seeds: int = _opt(5, "ours+diffusion: query neighbours that seed the diffusion")
     figure_queries: int = _opt(4, "queries shown in the results picture")
     seed: int = _opt(0, "seed of the random query sample")
+    tune_seed: int = _opt(-1, "tune on one query list, report on others: the tune list's seed (category: the "
+                              "stratified 5% sample; labels: half of each label's queries); -1 = one query list")
+    report_seeds: str = _opt("1,2,3,4,5", "with --tune-seed, category protocol: seeds of the report lists (5% "
+                                          "samples disjoint from the tune list); labels: the other half is reported")
     batch_size: int = _opt(16, "images per forward pass when extracting")
     shard_size: int = _opt(256, "images per shard when extracting")
     storage_options: str = storage_field()
@@ -381,6 +392,27 @@ class BenchmarkConfig(ModelConfig, HasStorage):
             raise ConfigError("--report is required")
         if self.k < 1 or self.rerank < 0 or self.qe < 0 or self.pca_dim < 1:
             raise ConfigError("k, pca_dim must be >= 1; rerank, qe >= 0")
+        if self.dba_k < 0 or self.diffusion_k < 1 or self.diffusion_seeds < 1 or not 0 <= self.diffusion_alpha < 1:
+            raise ConfigError("dba_k must be >= 0; diffusion_k, diffusion_seeds >= 1; diffusion_alpha in [0, 1)")
+        if self.tune_seed < -1:
+            raise ConfigError("--tune-seed must be >= 0, or -1 for one query list")
+        if self.tune_seed >= 0 and self.protocol not in ("category", "labels"):
+            raise ConfigError(f"--tune-seed: the {self.protocol} protocol has fixed queries (category or labels only)")
+        self.report_seed_list()
+
+    def report_seed_list(self) -> list[int]:
+        """The ``--report-seeds`` as ints (distinct, at least one).
+
+        Raises:
+            ConfigError: on a value that is not a comma-separated list of distinct non-negative ints.
+        """
+        try:
+            seeds = [int(s) for s in self.report_seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--report-seeds must be comma-separated ints, got {self.report_seeds!r}") from None
+        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ConfigError(f"--report-seeds needs distinct non-negative seeds, got {self.report_seeds!r}")
+        return seeds
         self.fs_options  # noqa: B018 - parses (and caches) the options: a ConfigError now, not mid-run
 
     def model_config(self) -> ModelConfig:

@@ -353,3 +353,149 @@ def test_labels_protocol_with_query_boxes_describes_the_crops(monkeypatch, tmp_p
 def _with_labels(c, labels):
     c.labels = np.asarray(labels)
     return c
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tune on one query list, report on others (--tune-seed, --report-seeds)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_sample_queries_excluding_a_list_keeps_sizes_and_the_plain_draw():
+    from pipeline.bench.datasets import LabelledSet, sample_queries, split_halves
+
+    paths = [f"{c}/{i:02d}.jpg" for c in "abc" for i in range(20)]
+    s = LabelledSet("", paths, [p[0] for p in paths])
+    tune = sample_queries(s, 0.1, seed=0)
+    assert sample_queries(s, 0.1, seed=0, exclude_paths=()) == tune  # the shipped procedure, unchanged
+    rep = sample_queries(s, 0.1, seed=1, exclude_paths=tune)
+    assert len(rep) == len(tune) == 6 and not set(rep) & set(tune)
+    assert [p[0] for p in rep] == [p[0] for p in tune]  # 2 per class, grouped by class
+    # Halves: per label n // 2 to the first half, disjoint, together everything, deterministic.
+    odd = LabelledSet("", paths[:25], [p[0] for p in paths[:25]])
+    first, second = split_halves(odd, seed=0)
+    assert len(first) == 10 + 2 and len(second) == 10 + 3
+    assert sorted(first + second) == sorted(odd.paths) and split_halves(odd, seed=0) == (first, second)
+    assert split_halves(odd, seed=1) != (first, second)
+
+
+def _ref_rank(c, m):
+    v = c.vectors[m] / np.linalg.norm(c.vectors[m], axis=1, keepdims=True)
+    return np.argsort(-(v @ v.T), axis=1, kind="stable")
+
+
+def test_labels_protocol_tune_and_report_halves(tiny_features, tmp_path):
+    from pipeline.bench import metrics as ev
+
+    report = bm.run(_cfg(tiny_features, str(tmp_path), protocol="labels", methods="global,rmac,crow",
+                         tune_seed=3, figure_queries=0))
+    tune = (tmp_path / "queries_tune_half_seed3.txt").read_text().split()
+    rest = (tmp_path / "queries_report_half_seed3.txt").read_text().split()
+    # 8 classes of 3 images: 1 per class to tune on, 2 to report on.
+    assert len(tune) == 8 and len(rest) == 16 and not set(tune) & set(rest)
+    split = report["split"]
+    assert split["tune"] == "tune_half_seed3" and split["reports"] == ["report_half_seed3"]
+    c = load_corpus(tiny_features["features"], tiny_features["images"], *_paths_labels(tiny_features["images"]), {},
+                    regions=3)
+    by = {r["method"]: r for r in report["rows"]}
+    for m in ("global", "rmac", "crow"):
+        ranks = _ref_rank(c, m)
+        for name, paths in (("tune_half_seed3", tune), ("report_half_seed3", rest)):
+            q = np.array([c.paths.index(p) for p in paths])
+            ref = ev.labels_eval(ranks[q], c.labels, q)["mAP"]
+            assert by[m]["lists"][name] == pytest.approx(ref)
+        assert by[m]["tune"] == by[m]["lists"]["tune_half_seed3"] and by[m]["std"] is None
+    best = max(("global", "rmac", "crow"), key=lambda m: by[m]["tune"])
+    assert split["best_descriptor"] == best
+    assert by["crow"][f"gain_{best}"] == pytest.approx(by["crow"]["mean"] - by[best]["mean"])
+    assert f"| global | {by['global']['tune']:.4f} |" in report["table"]
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["rows"][0]["lists"] == pytest.approx(report["rows"][0]["lists"])
+
+
+def test_category_protocol_tune_and_report_lists(tiny_features, tmp_path):
+    from pipeline.bench import datasets as ds
+
+    report = bm.run(_cfg(tiny_features, str(tmp_path), protocol="category", methods="global,ours", k=2,
+                         tune_seed=0, report_seeds="4,5", figure_queries=0))
+    lists = {n: (tmp_path / f"queries_{n}.txt").read_text().split()
+             for n in ("tune_seed0", "report_seed4", "report_seed5")}
+    lset = ds.load_labelled_set(tiny_features["images"])
+    assert lists["tune_seed0"] == ds.sample_queries(lset, 0.05, seed=0)  # the plain seeded draw
+    for n in ("report_seed4", "report_seed5"):
+        assert len(lists[n]) == 8 and not set(lists[n]) & set(lists["tune_seed0"])
+        assert lists[n] == ds.sample_queries(lset, 0.05, seed=int(n[-1]), exclude_paths=lists["tune_seed0"])
+    c = load_corpus(tiny_features["features"], tiny_features["images"], *_paths_labels(tiny_features["images"]), {})
+    ranks = _ref_rank(c, "global")
+    g = report["rows"][0]
+    for n, paths in lists.items():
+        precs = []
+        for p in paths:
+            qi = c.paths.index(p)
+            top = [i for i in ranks[qi] if i != qi][:2]
+            precs.append(np.mean([c.labels[i] == c.labels[qi] for i in top]))
+        assert g["lists"][n] == pytest.approx(np.mean(precs))
+    assert g["mean"] == pytest.approx(np.mean([g["lists"]["report_seed4"], g["lists"]["report_seed5"]]))
+    assert g["std"] == pytest.approx(np.std([g["lists"]["report_seed4"], g["lists"]["report_seed5"]], ddof=1))
+    assert report["queries"] == len({p for paths in lists.values() for p in paths})
+
+
+def test_tune_seed_config_errors(tiny_features, tmp_path):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="report-seeds"):
+        _cfg(tiny_features, str(tmp_path), tune_seed=0, report_seeds="1,x")
+    with pytest.raises(ConfigError, match="report-seeds"):
+        _cfg(tiny_features, str(tmp_path), tune_seed=0, report_seeds="1,1")
+    with pytest.raises(ConfigError, match="fixed queries"):
+        _cfg(tiny_features, str(tmp_path), protocol="oxford", tune_seed=0)
+    q = tmp_path / "q.txt"
+    q.write_text("Leopards/image_0001.jpg\n")
+    with pytest.raises(ValueError, match="exclude each other"):
+        bm.run(_cfg(tiny_features, str(tmp_path / "r"), protocol="category", queries=str(q), tune_seed=0,
+                    methods="global"))
+
+
+def test_dba_and_diffusion_rows_rank_as_their_references(monkeypatch):
+    # Unit vectors at 0, 20, 50, 60 and 100 degrees; ours = db; queries rows 0 and 4.
+    db = np.stack([_unit(a) for a in (0, 20, 50, 60, 100)])
+    _qe_rankers(monkeypatch, db, [0, 4])  # method_vectors patched: ours = crow = db
+    from types import SimpleNamespace
+
+    from pipeline.bench import methods
+    from pipeline.bench.corpus import Corpus
+
+    c = Corpus("", [f"{i}.jpg" for i in range(5)], None, {"gem": db}, np.zeros((0, 2), np.float32),
+               np.zeros(6, np.int64), [])
+    cfg = SimpleNamespace(qe=1, rerank=5, dba_k=1, dba_alpha=0.0, diffusion_k=1, diffusion_alpha=0.5,
+                          diffusion_seeds=1)
+    rankers = methods.method_rankers(c, cfg, np.array([0, 4]), 5)
+    # DBA with k = 1: each vector averaged with its nearest other one (0+20, 20+0, 50+60, 60+50, 100+60).
+    nn = [1, 0, 3, 2, 3]
+    aug = db + db[nn]
+    aug /= np.linalg.norm(aug, axis=1, keepdims=True)
+    ref = np.argsort(-(db[[0, 4]] @ aug.T), axis=1, kind="stable")
+    np.testing.assert_array_equal(rankers["ours+dba"](), ref)
+    # + AQE over the DBA'd vectors of the first non-self result.
+    first = [next(i for i in r if i != q) for r, q in zip(ref, (0, 4))]
+    q2 = db[[0, 4]] + aug[first]
+    q2 /= np.linalg.norm(q2, axis=1, keepdims=True)
+    np.testing.assert_array_equal(rankers["ours+dba+qe"](), np.argsort(-(q2 @ aug.T), axis=1, kind="stable"))
+    # Diffusion from the query's single seed (itself) over the 1-NN graph: its graph component {0, 1} first, then the
+    # rest by similarity.
+    got = rankers["ours+diffusion"]()
+    assert got[0].tolist() == [0, 1, 2, 3, 4]
+    assert got[1, 0] == 4 and set(got[1, :3].tolist()) == {4, 3, 2}
+
+
+def test_fuse_global_part_choices():
+    from pipeline.bench.corpus import Corpus
+    from pipeline.bench.methods import fuse_global_part
+
+    g = np.array([[3.0, 4.0]], np.float32)
+    r = np.array([[0.0, 2.0]], np.float32)
+    c = Corpus("", ["a.jpg"], None, {"global": g, "rmac": r}, np.zeros((0, 2), np.float32), np.zeros(2, np.int64), [])
+    np.testing.assert_array_equal(fuse_global_part(c, "global"), g)
+    np.testing.assert_array_equal(fuse_global_part(c, "rmac"), r)
+    np.testing.assert_allclose(fuse_global_part(c, "global+rmac"), [[0.6, 0.8, 0.0, 1.0]])
+    with pytest.raises(ValueError, match="unknown fuse_global"):
+        fuse_global_part(c, "gem")

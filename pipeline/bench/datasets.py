@@ -244,6 +244,7 @@ def sample_queries(
     fraction: float = 0.05,
     seed: int = 0,
     exclude_labels: Sequence[str] = ("BACKGROUND_Google",),
+    exclude_paths: Sequence[str] = (),
 ) -> list[str]:
     """Draw a stratified random query set: a fixed fraction of every label.
 
@@ -252,11 +253,16 @@ def sample_queries(
     concatenated. This exact procedure produced the shipped Caltech-101 ``queries_5pct_seed0.txt`` (432 paths),
     so it must not change: a different draw order would silently change every reported number.
 
+    With ``exclude_paths`` (e.g. a tune list), those paths are never drawn, while each label's count is still taken
+    from all its paths: a list disjoint from another one has the same size per label (fewer only where a label runs
+    out). Without it the draw is exactly the one above.
+
     Args:
         ds: the labelled set.
         fraction: share of each label to draw, in ``(0, 1]``.
         seed: seed of the random generator.
         exclude_labels: labels that never provide queries (Caltech's clutter class by default).
+        exclude_paths: paths never drawn.
 
     Returns:
         Query paths (relative to ``ds.root``), grouped by label in sorted label order, sorted within a label.
@@ -267,15 +273,45 @@ def sample_queries(
     for p, label in zip(ds.paths, ds.labels):
         by_label[label].append(p)
     excluded = set(exclude_labels)
+    taken = set(exclude_paths)
     rng = random.Random(seed)
     out: list[str] = []
     for label in sorted(by_label):
         if label in excluded:
             continue
-        paths = sorted(by_label[label])
-        n = min(len(paths), max(1, round(fraction * len(paths))))
+        n_all = len(by_label[label])
+        paths = sorted(p for p in by_label[label] if p not in taken)
+        n = min(len(paths), max(1, round(fraction * n_all)))
         out.extend(sorted(rng.sample(paths, n)))
     return out
+
+
+def split_halves(ds: LabelledSet, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Split a labelled set's images into two halves, label by label: a tune half and a report half.
+
+    For each label in sorted order, ``n_label // 2`` of its sorted paths are drawn with ``rng.sample`` from one shared
+    ``random.Random(seed)`` into the first half; the rest of the label goes to the second (so an odd label gives the
+    second half one more). Each half is grouped by label in sorted label order, sorted within a label.
+
+    Args:
+        ds: the labelled set (e.g. the queries of the Paris subset: every image).
+        seed: seed of the random generator.
+
+    Returns:
+        ``(first, second)``: disjoint path lists whose union is ``ds.paths``.
+    """
+    by_label: dict[str, list[str]] = defaultdict(list)
+    for p, label in zip(ds.paths, ds.labels):
+        by_label[label].append(p)
+    rng = random.Random(seed)
+    first: list[str] = []
+    second: list[str] = []
+    for label in sorted(by_label):
+        paths = sorted(by_label[label])
+        drawn = set(rng.sample(paths, len(paths) // 2))
+        first.extend(p for p in paths if p in drawn)
+        second.extend(p for p in paths if p not in drawn)
+    return first, second
 
 
 # --------------------------------------------------------------------------------------------------------------------

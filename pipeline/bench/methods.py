@@ -8,6 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.bench.corpus import Corpus, Queries, corpus_queries
+from pipeline.bench.diffusion import dba, diffusion_ranking
 from pipeline.bench.metrics import rank_by_similarity
 from pipeline.config import BenchmarkConfig
 from pipeline.reduce.pca import PCA, fuse, l2n
@@ -18,6 +19,8 @@ from pipeline.schema import GLOBAL_KINDS
 DESCRIPTOR_METHODS = GLOBAL_KINDS
 ALL_METHODS = ("bow",) + DESCRIPTOR_METHODS + ("ours", "ours+qe", "crow+rerank", "crow+rerank+qe", "crow+regions",
                                                 "crow+regions+qe")
+# On top of `ours`: database-side augmentation (alone and with AQE) and diffusion over a kNN graph of the database.
+ALL_METHODS += ("ours+dba", "ours+dba+qe", "ours+diffusion")
 
 
 def select_methods(methods: str) -> list[str]:
@@ -43,9 +46,30 @@ def method_vectors(c: Corpus, cfg: BenchmarkConfig) -> dict[str, np.ndarray]:
     """L2-normalised database vectors of each descriptor method and of ``ours`` (paper 2.4: PCA + L2 of the fused
     global + local vector; PCA is fitted on the database itself, unsupervised)."""
     out = {m: l2n(c.vectors[m]) for m in DESCRIPTOR_METHODS}
-    fused = fuse(c.vectors["global"], c.vectors["local"], cfg.local_weight)
+    fused = fuse(fuse_global_part(c, cfg.fuse_global), c.vectors["local"], cfg.local_weight)
     out["ours"] = PCA.fit(fused, cfg.pca_dim).transform(fused)
     return out
+
+
+def fuse_global_part(c: Corpus | Queries, kind: str) -> np.ndarray:
+    """The global part of ``ours`` before fusion: the paper's global CNN feature (``global``), R-MAC instead
+    (``rmac``), or both L2-normalised side by side (``global+rmac``).
+
+    Args:
+        c: the corpus, or described queries (anything with the descriptor ``vectors``).
+        kind: one of ``FUSE_GLOBALS``.
+
+    Returns:
+        ``(N, d)`` vectors (fuse L2-normalises them as a whole).
+    """
+    if kind == "global+rmac":
+        return np.concatenate([l2n(c.vectors["global"]), l2n(c.vectors["rmac"])], axis=1)
+    if kind in ("global", "rmac"):
+        return c.vectors[kind]
+    raise ValueError(f"unknown fuse_global {kind!r}; known: {FUSE_GLOBALS}")
+
+
+FUSE_GLOBALS = ("global", "rmac", "global+rmac")
 
 
 def rerank_ranking(c: Corpus, vec: dict[str, np.ndarray], q: Queries, qcrow: np.ndarray, depth: int, n: int,
@@ -130,8 +154,8 @@ def query_method_vectors(c: Corpus, cfg: BenchmarkConfig, q: Queries) -> dict[st
     """The queries' vectors of each descriptor method and of ``ours`` (projected by the PCA fitted on the database,
     as ``method_vectors`` does for the database)."""
     out = {m: l2n(q.vectors[m]) for m in DESCRIPTOR_METHODS}
-    fused = fuse(c.vectors["global"], c.vectors["local"], cfg.local_weight)
-    out["ours"] = PCA.fit(fused, cfg.pca_dim).transform(fuse(q.vectors["global"], q.vectors["local"],
+    fused = fuse(fuse_global_part(c, cfg.fuse_global), c.vectors["local"], cfg.local_weight)
+    out["ours"] = PCA.fit(fused, cfg.pca_dim).transform(fuse(fuse_global_part(q, cfg.fuse_global), q.vectors["local"],
                                                              cfg.local_weight))
     return out
 
@@ -183,4 +207,19 @@ def method_rankers(c: Corpus, cfg: BenchmarkConfig, qrows: np.ndarray,
     rankers["crow+regions+qe"] = lambda: rerank_ranking(c, vec, q, qvec["crow"], depth, cfg.rerank, cfg.qe,
                                                         "regions")
     rankers["bow"] = bow
+
+    def ours_dba(qe: int) -> np.ndarray:
+        """``ours`` against a DBA'd database (the query keeps its own vector: a new image has no DBA vector); with
+        ``qe`` > 0, AQE over the DBA'd vectors of its top ``qe`` results other than the query's own image."""
+        db = dba(vec["ours"], cfg.dba_k, cfg.dba_alpha)
+        qv = qvec["ours"]
+        if qe > 0:
+            first = rank_by_similarity(qv, db, qe + 1)
+            qv = average_query_expansion(qv, db, expansion_neighbours(first, q.self_rows, qe), qe)
+        return rank_by_similarity(qv, db, depth)
+
+    rankers["ours+dba"] = lambda: ours_dba(0)
+    rankers["ours+dba+qe"] = lambda: ours_dba(cfg.qe)
+    rankers["ours+diffusion"] = lambda: diffusion_ranking(
+        vec["ours"], qvec["ours"], depth, k=cfg.diffusion_k, alpha=cfg.diffusion_alpha, seeds=cfg.diffusion_seeds)
     return rankers

@@ -340,8 +340,34 @@ def labels_eval(
         over the evaluated queries, fractions in ``[0, 1]``.
     """
     r = _as_ranks(ranks)
-    q_n = r.shape[0]
     _, codes = np.unique(np.asarray(labels), return_inverse=True)  # ints compare faster than strings
+    codes = codes.reshape(-1).astype(np.int64)
+    qdi = np.asarray(query_db_index, dtype=np.int64)
+    aps = label_average_precisions(r, codes, qdi)
+    valid = ~np.isnan(aps)
+    qlab = codes[qdi]
+
+    out: dict = {"mAP": float(aps[valid].mean()) if valid.any() else float("nan")}
+    for k in ks:
+        p = precision_at_k(r, codes, qlab, k=int(k), query_db_index=qdi)
+        out[f"P@{int(k)}"] = float(p[valid].mean()) if valid.any() else float("nan")
+    return out
+
+
+def label_average_precisions(ranks: np.ndarray, labels: np.ndarray, query_db_index: np.ndarray) -> np.ndarray:
+    """Per-query AP of the same-label protocol (see :func:`labels_eval`, whose mAP is their mean over non-NaN).
+
+    Args:
+        ranks: ``(Q, N')`` database indices, best first.
+        labels: ``(N,)`` database labels (ints or strings).
+        query_db_index: ``(Q,)`` database row of each query.
+
+    Returns:
+        ``(Q,)`` ``float64`` APs; NaN for a query whose label has no other item.
+    """
+    r = _as_ranks(ranks)
+    q_n = r.shape[0]
+    _, codes = np.unique(np.asarray(labels), return_inverse=True)
     codes = codes.reshape(-1).astype(np.int64)
     qdi = np.asarray(query_db_index, dtype=np.int64)
     if qdi.shape != (q_n,):
@@ -367,9 +393,5 @@ def labels_eval(
         hit_no = np.arange(rows.size) - np.repeat(np.cumsum(per_row) - per_row, per_row) + 1
         prec_sum = np.bincount(rows, weights=hit_no / rank_1based, minlength=b)
         aps[s : s + step] = prec_sum / np.maximum(n_rel[s : s + step], 1)
-
-    out: dict = {"mAP": float(aps[valid].mean()) if valid.any() else float("nan")}
-    for k in ks:
-        p = precision_at_k(r, codes, qlab, k=int(k), query_db_index=qdi)
-        out[f"P@{int(k)}"] = float(p[valid].mean()) if valid.any() else float("nan")
-    return out
+    aps[~valid] = np.nan
+    return aps

@@ -63,13 +63,46 @@ class Protocol:
             queries are regions: see ``crops``), and report fields such as ``queries_missing``.
         """
         self.corpus = corpus
-        self.qrows, extra = self._query_rows(corpus)
-        if self.crops is None or not len(self.self_rows):
-            self.self_rows = self.qrows if self.crops is None else np.full(len(self.qrows), -1, np.int64)
-        return self.qrows, extra
+        self.lists: dict[str, list[str]] = {}
+        self.list_pos: dict[str, np.ndarray] = {}
+        if getattr(self.cfg, "tune_seed", -1) < 0:  # (stand-in configs in tests have no tune_seed)
+            self.qrows, extra = self._query_rows(corpus)
+            if self.crops is None or not len(self.self_rows):
+                self.self_rows = self.qrows if self.crops is None else np.full(len(self.qrows), -1, np.int64)
+            return self.qrows, extra
+        if getattr(self.cfg, "query_boxes", ""):
+            raise ValueError("--tune-seed splits whole-image query lists; it does not take --query-boxes")
+        # Tune on one list, report on others: every list's queries are ranked once (their union); each list is then
+        # scored on its own positions of the union (a query's ranking does not depend on the other queries).
+        self.lists = dict(self._split_lists(corpus))
+        row_of = {p: i for i, p in enumerate(corpus.paths)}
+        union: dict[int, int] = {}
+        for paths in self.lists.values():
+            for p in paths:
+                union.setdefault(row_of[p], len(union))
+        self.qrows = np.fromiter(union, dtype=np.int64, count=len(union))
+        self.self_rows = self.qrows  # whole images of the corpus: each query's own row is left out
+        self.list_pos = {name: np.array([union[row_of[p]] for p in paths], dtype=np.int64)
+                         for name, paths in self.lists.items()}
+        return self.qrows, {"lists": {name: len(paths) for name, paths in self.lists.items()}}
 
     def _query_rows(self, corpus: Corpus) -> tuple[np.ndarray, dict[str, Any]]:
         """This protocol's query rows and extra report fields."""
+        raise NotImplementedError
+
+    def _split_lists(self, corpus: Corpus) -> list[tuple[str, list[str]]]:
+        """The tune list first, then the report lists, as ``(name, corpus paths)`` (``--tune-seed`` >= 0)."""
+        raise ValueError(f"the {self.name} protocol has no tune/report split (--tune-seed): use category or labels")
+
+    def per_query(self, ranking: np.ndarray) -> np.ndarray:
+        """Each query's own score, the one :meth:`score` averages (NaN where a query is not scored).
+
+        Args:
+            ranking: ``(Q, depth)`` corpus rows, best first, one row per query of :meth:`queries`.
+
+        Returns:
+            ``(Q,)`` ``float64`` scores.
+        """
         raise NotImplementedError
 
     def depth(self, n_db: int) -> int:
@@ -130,10 +163,29 @@ class LabelsProtocol(Protocol):
         qrows = np.array([row_of[p] for p in qpaths if p in row_of], dtype=np.int64)
         return qrows, {"queries_missing": [p for p in qpaths if p not in row_of]}
 
+    def _split_lists(self, corpus: Corpus) -> list[tuple[str, list[str]]]:
+        """Half of each label's queries (the ``--queries`` list or every image) to tune on, drawn with
+        ``--tune-seed``; the other half to report on."""
+        qpaths = ds.read_query_list(self.cfg.queries) if self.cfg.queries else self._default_queries(corpus)
+        held = set(corpus.paths)
+        missing = [p for p in qpaths if p not in held]
+        if missing:
+            raise ValueError(f"{len(missing)} queries have no ok extraction row, e.g. {missing[:3]}")
+        row_of = {p: i for i, p in enumerate(corpus.paths)}
+        pool = ds.LabelledSet(self.root, sorted(set(qpaths)),
+                              [str(corpus.labels[row_of[p]]) for p in sorted(set(qpaths))])
+        tune, rest = ds.split_halves(pool, seed=self.cfg.tune_seed)
+        seed = self.cfg.tune_seed
+        return [(f"tune_half_seed{seed}", tune), (f"report_half_seed{seed}", rest)]
+
     def score(self, ranking: np.ndarray) -> dict[str, float]:
         """mAP as ``score``, plus P@1, P@4 and P@10."""
         res = ev.labels_eval(ranking, self.corpus.labels, self.qrows)
         return {"score": res["mAP"], **{k: v for k, v in res.items() if k != "mAP"}}
+
+    def per_query(self, ranking: np.ndarray) -> np.ndarray:
+        """Each query's AP (NaN for a label without another image)."""
+        return ev.label_average_precisions(ranking, self.corpus.labels, self.qrows)
 
 
 class CategoryProtocol(LabelsProtocol):
@@ -148,11 +200,29 @@ class CategoryProtocol(LabelsProtocol):
         """The metric text names k."""
         return f"mean top-{self.cfg.k} precision (the paper's MAP@{self.cfg.k})"
 
+    def _sampling_set(self, corpus: Corpus) -> ds.LabelledSet:
+        """The corpus images with the dataset's own labels, before ``--merge-faces``: the sampler stratifies by
+        them, as for the shipped ``queries_5pct_seed0.txt`` (which seed 0 reproduces: Faces and Faces_easy are
+        sampled as two classes there)."""
+        own = ds.load_labelled_set(self.root) if self.cfg.merge_faces else self.lset
+        return ds.LabelledSet(self.root, corpus.paths, [own.labels[own.index_of(p)] for p in corpus.paths])
+
     def _default_queries(self, corpus: Corpus) -> list[str]:
         """Query paths without ``--queries``: a stratified 5% sample of the corpus images."""
-        lset = self.lset
-        kept = ds.LabelledSet(self.root, corpus.paths, [lset.labels[lset.index_of(p)] for p in corpus.paths])
-        return ds.sample_queries(kept, fraction=0.05, seed=self.cfg.seed)
+        return ds.sample_queries(self._sampling_set(corpus), fraction=0.05, seed=self.cfg.seed)
+
+    def _split_lists(self, corpus: Corpus) -> list[tuple[str, list[str]]]:
+        """The stratified 5% list of ``--tune-seed`` to tune on, then one list per ``--report-seeds`` seed, drawn the
+        same way from the images outside the tune list (disjoint from it, same size per class)."""
+        if self.cfg.queries:
+            raise ValueError("--queries and --tune-seed exclude each other in the category protocol: the tune and "
+                             "report lists are drawn by the stratified 5% sampler")
+        kept = self._sampling_set(corpus)
+        tune = ds.sample_queries(kept, fraction=0.05, seed=self.cfg.tune_seed)
+        out = [(f"tune_seed{self.cfg.tune_seed}", tune)]
+        for s in self.cfg.report_seed_list():
+            out.append((f"report_seed{s}", ds.sample_queries(kept, fraction=0.05, seed=s, exclude_paths=tune)))
+        return out
 
     def depth(self, n_db: int) -> int:
         """Enough for P@k without the query, the re-ranked top-N and 100 results."""
@@ -163,6 +233,12 @@ class CategoryProtocol(LabelsProtocol):
         labels = self.corpus.labels
         p = ev.precision_at_k(ranking, labels, labels[self.qrows], k=self.cfg.k, query_db_index=self.qrows)
         return {"score": float(np.mean(p))}
+
+    def per_query(self, ranking: np.ndarray) -> np.ndarray:
+        """Each query's top-k precision."""
+        labels = self.corpus.labels
+        return ev.precision_at_k(ranking, labels, labels[self.qrows], k=self.cfg.k,
+                                 query_db_index=self.qrows).astype(np.float64)
 
 
 class OxfordProtocol(Protocol):

@@ -29,6 +29,40 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     return "\n".join(lines)
 
 
+def holdout_table(rows: Sequence[dict[str, Any]], tune: str, reports: Sequence[str],
+                  baselines: Sequence[str]) -> str:
+    """The Markdown table of a tune-on-one/report-on-many run (rows of ``pipeline.bench.paired.holdout_rows``).
+
+    Scores with 4 decimals; gains in points (x100) with their bootstrap interval.
+
+    Args:
+        rows: the rows (``tune``, ``mean``, ``std``, ``lists``, ``gain_<b>``/``_lo``/``_hi``, optional ``seconds``,
+            ``ms_per_query``).
+        tune: the tune list's name.
+        reports: the report lists' names, in order.
+        baselines: the baselines whose gains are shown.
+
+    Returns:
+        The table text.
+    """
+    head = ["method", f"tune ({tune})", "report mean", "std", *reports, *(f"vs {b} (points, 95% CI)" for b in baselines),
+            "s", "ms/query"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+
+    def gain(r: dict[str, Any], b: str) -> str:
+        if f"gain_{b}" not in r:
+            return ""
+        return f"{100 * r[f'gain_{b}']:+.2f} [{100 * r[f'gain_{b}_lo']:+.2f}, {100 * r[f'gain_{b}_hi']:+.2f}]"
+
+    for r in rows:
+        cells = [r["method"], f"{r['tune']:.4f}", f"{r['mean']:.4f}", "" if r["std"] is None else f"{r['std']:.4f}",
+                 *(f"{r['lists'][n]:.4f}" for n in reports), *(gain(r, b) for b in baselines),
+                 "" if r.get("seconds") is None else f"{r['seconds']:.2f}",
+                 "" if r.get("ms_per_query") is None else f"{r['ms_per_query']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def results_sheet(query_paths: Sequence[str], result_paths: Sequence[Sequence[str]],
                   relevant: Sequence[Sequence[bool]], thumb: int = 128, pad: int = 6) -> Image.Image:
     """A picture like the paper's Fig. 5: one row per query, the query (blue frame) then its top results, each framed

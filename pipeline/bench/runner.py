@@ -11,9 +11,16 @@ from typing import Any
 import numpy as np
 
 from pipeline.bench.corpus import Corpus, Queries, described_queries, load_corpus
-from pipeline.bench.methods import method_rankers, select_methods
+from pipeline.bench.methods import DESCRIPTOR_METHODS, method_rankers, select_methods
+from pipeline.bench.paired import holdout_rows
 from pipeline.bench.protocols import PROTOCOLS
-from pipeline.bench.report import markdown_table, results_sheet, save_png, to_jsonable
+from pipeline.bench.report import (
+    holdout_table,
+    markdown_table,
+    results_sheet,
+    save_png,
+    to_jsonable,
+)
 from pipeline.config import BenchmarkConfig, ExtractConfig, public_dict
 from pipeline.extract import driver
 from pipeline.extract.runners import LocalRunner, Runner
@@ -109,27 +116,63 @@ def run(cfg: BenchmarkConfig, runner: Runner | None = None, model: Any = None) -
     rankers = method_rankers(c, cfg, qrows, protocol.depth(n_db), queries)
     rows = []
     rankings: dict[str, np.ndarray] = {}
+    per_query: dict[str, np.ndarray] = {}
     for m in wanted:
         tm = time.perf_counter()
         rankings[m] = rankers[m]()
-        row: dict[str, Any] = {"method": m, **protocol.score(rankings[m])}
-        row["seconds"] = round(time.perf_counter() - tm, 2)
+        seconds = time.perf_counter() - tm
+        if protocol.lists:
+            per_query[m] = protocol.per_query(rankings[m])
+            # What one query costs, offline work (PCA, DBA, a diffusion graph) included: the method's time / queries.
+            row: dict[str, Any] = {"method": m, "ms_per_query": round(1000 * seconds / max(len(qrows), 1), 3)}
+        else:
+            row = {"method": m, **protocol.score(rankings[m])}
+        row["seconds"] = round(seconds, 2)
         rows.append(row)
-        log.info("%s: %.4f (%.1fs)", m, row["score"], row["seconds"])
+        log.info("%s: %s (%.1fs)", m, "ranked" if protocol.lists else f"{row['score']:.4f}", row["seconds"])
 
     # 5. Report.
+    if protocol.lists:
+        table, rows, extra = _holdout(cfg, protocol.lists, protocol.list_pos, per_query, rows, extra)
+    else:
+        table = markdown_table(rows, ["method", "score", *protocol.columns])
     timings["total_s"] = time.perf_counter() - t0
     report = {"dataset": root, "protocol": cfg.protocol, "metric": protocol.metric, "rows": rows, "images": n_db,
               "missing_images": len(c.missing), "features": features, "config": public_dict(cfg),
               "timings": {k: round(v, 2) for k, v in timings.items()}, **extra}
     storage.write_json(storage.join(cfg.report, "report.json"), to_jsonable(report), so)
-    table = markdown_table(rows, ["method", "score", *protocol.columns])
     storage.write_bytes(storage.join(cfg.report, "report.md"), f"{protocol.metric}\n\n{table}\n".encode(), so)
     if cfg.figure_queries and c.labels is not None:
-        best = max(rows, key=lambda r: r["score"])["method"]
+        best = max(rows, key=lambda r: r["mean"] if protocol.lists else r["score"])["method"]
         report["figure"] = {"method": best, "path": _write_figure(cfg, c, qrows, rankings[best])}
     report["table"] = table
     return report
+
+
+def _holdout(cfg: BenchmarkConfig, lists: dict[str, list[str]], list_pos: dict[str, np.ndarray],
+             per_query: dict[str, np.ndarray], timing_rows: list[dict[str, Any]],
+             extra: dict[str, Any]) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+    """Tune-on-one/report-on-many: save each query list next to the report, score every list, pair the gains.
+
+    Returns:
+        ``(table, rows, extra)``: the Markdown table, the report rows (with the method's seconds), and the report
+        fields with ``split`` added (the tune list, the report lists with their files, the best descriptor).
+    """
+    so = cfg.fs_options
+    names = list(lists)
+    tune, reports = names[0], names[1:]
+    files = {}
+    for name, paths in lists.items():
+        files[name] = storage.join(cfg.report, f"queries_{name}.txt")
+        storage.write_bytes(files[name], "".join(p + "\n" for p in paths).encode(), so)
+    rows, best = holdout_rows(per_query, list_pos, tune, DESCRIPTOR_METHODS, seed=cfg.seed)
+    for row, timing in zip(rows, timing_rows):
+        row.update({k: timing[k] for k in ("seconds", "ms_per_query")})
+    baselines = [b for b in dict.fromkeys(["global", best]) if b is not None and b in per_query]
+    table = holdout_table(rows, tune, reports, baselines)
+    split = {"tune": tune, "reports": reports, "files": files, "sizes": {n: len(p) for n, p in lists.items()},
+             "best_descriptor": best, "baselines": baselines}
+    return table, rows, {**extra, "split": split}
 
 
 def _write_figure(cfg: BenchmarkConfig, c: Corpus, qrows: np.ndarray, ranking: np.ndarray) -> str:
