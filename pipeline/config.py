@@ -20,6 +20,7 @@ SAMPLE_DATA = REPO_ROOT / "data" / "caltech8"
 BACKBONES = ("mobilenet_v2", "vgg16", "resnet50")
 PROPOSERS = ("activation", "rpn")
 REGION_POOLS = ("gem", "mac", "spoc")
+PRECISIONS = ("float32", "bfloat16", "float16")
 PROTOCOLS = ("category", "oxford", "revisited", "labels")
 
 # Keys whose values may carry credentials: never logged, hashed or written to manifests.
@@ -97,6 +98,10 @@ class ModelConfig:
     region_pool: str = _opt("gem", "pooling of RoI features into a region descriptor (non-VGG backbones)", choices=REGION_POOLS)
     checkpoint: str = _opt("", "URL of a trained region-model checkpoint (required for --proposer rpn)")
     random_weights: bool = _opt(False, "use random backbone weights (tests only; never the default)")
+    # Hashed only when set (hash_default=False): outputs extracted before the option existed keep their hash.
+    precision: str = _opt("float32", "arithmetic of the backbone and region head: float32, or bfloat16/float16 "
+                                     "autocast (mixed precision; GPU; see BENCHMARKS.md for its effect on retrieval)",
+                          choices=PRECISIONS, hash_default=False)
 
     def validate(self) -> None:
         """Raise ConfigError for values outside their domain."""
@@ -266,7 +271,9 @@ class ReindexConfig(ModelConfig, HasStorage):
 
     def features_url(self) -> str:
         """Where the extraction writes: ``<root>/features``."""
-        from pipeline.store.versions import features_url  # lazily: configs import no storage code
+        from pipeline.store.versions import (
+            features_url,  # lazily: configs import no storage code
+        )
 
         return features_url(self.root)
 
@@ -368,14 +375,19 @@ def public_dict(cfg: Any) -> dict[str, Any]:
     """The config as a dict with secret fields redacted: what may be logged and written beside outputs."""
     d = dataclasses.asdict(cfg)
     for k in SECRET_FIELDS:
-        if k in d and d[k]:
+        if d.get(k):
             d[k] = "<redacted>"
     return d
 
 
 def config_hash(cfg: Any) -> str:
     """A short stable hash of a config's public fields (sorted JSON, sha256, 12 hex)."""
-    blob = json.dumps({k: v for k, v in public_dict(cfg).items() if k not in SECRET_FIELDS}, sort_keys=True)
+    # A field marked hash_default=False is left out while it holds its default, so adding such a field to a config
+    # does not change the hash of configs that do not use it.
+    skip = {f.name for f in dataclasses.fields(cfg)
+            if f.metadata.get("hash_default", True) is False and getattr(cfg, f.name) == f.default}
+    blob = json.dumps({k: v for k, v in public_dict(cfg).items() if k not in SECRET_FIELDS and k not in skip},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
