@@ -158,6 +158,8 @@ class ExtractConfig(ModelConfig, HasStorage):
                            "CPUs shared among CPU actors (all cores in-process)")
     actor_cpus: float = _opt(1.0, "CPUs reserved per model actor")
     prefetch: int = _opt(2, "decoded shards in flight per actor (pipelining decode with inference)")
+    pad_step: int = _opt(0, "pad each batch to its largest image rounded up to this many pixels, so batches come "
+                            "in fewer shapes (GPU autotuning pays once per shape); 0: to the backbone's stride")
     float16: bool = _opt(False, "store vectors as float16 (half the bytes)")
     max_pixels: int = _opt(89_478_485, "refuse images with more pixels (decompression bombs)")
     max_image_bytes: int = _opt(256 * 2**20, "refuse image files of more bytes, unread (status too_large): a huge or "
@@ -174,6 +176,8 @@ class ExtractConfig(ModelConfig, HasStorage):
         for name in ("shard_size", "batch_size", "prefetch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if self.pad_step < 0 or self.pad_step > self.max_side:
+            raise ConfigError(f"pad_step must be in [0, max_side], got {self.pad_step}")
         if self.num_actors < 0 or self.threads < 0 or self.actor_cpus < 0:
             raise ConfigError("num_actors, threads and actor_cpus must be >= 0")
         if self.num_gpus < 0 and self.num_gpus != -1:
