@@ -159,7 +159,8 @@ class ExtractConfig(ModelConfig, HasStorage):
     actor_cpus: float = _opt(1.0, "CPUs reserved per model actor")
     prefetch: int = _opt(2, "decoded shards in flight per actor (pipelining decode with inference)")
     pad_step: int = _opt(0, "pad each batch to its largest image rounded up to this many pixels, so batches come "
-                            "in fewer shapes (GPU autotuning pays once per shape); 0: to the backbone's stride")
+                            "in fewer shapes (GPU autotuning pays once per shape); 0: to the backbone's stride. More "
+                            "padding changes features near image borders (see BENCHMARKS.md)")
     float16: bool = _opt(False, "store vectors as float16 (half the bytes)")
     max_pixels: int = _opt(89_478_485, "refuse images with more pixels (decompression bombs)")
     max_image_bytes: int = _opt(256 * 2**20, "refuse image files of more bytes, unread (status too_large): a huge or "

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model.descriptors import crow, gem, l2n, mac, rmac, rmac_regions, spoc, sum_pool_l1
+from pipeline.model.descriptors import (
+    crow,
+    gem,
+    l2n,
+    mac,
+    rmac,
+    rmac_regions,
+    spoc,
+    sum_pool_l1,
+)
 
 # (C, H, W): square, H != W both ways, 1x1, a single row, an extreme aspect ratio.
 SHAPES = [(8, 5, 5), (16, 7, 10), (6, 10, 3), (4, 1, 1), (5, 1, 9), (3, 2, 32), (12, 13, 17)]
@@ -334,8 +343,8 @@ def test_masked_poolings_equal_the_per_image_formulas() -> None:
     for i, m in enumerate(maps):
         t = as_t(m)
         want = {"spoc": spoc(t), "mac": mac(t), "gem": gem(t), "crow": crow(t), "rmac": rmac(t)}
-        for k in want:
-            np.testing.assert_allclose(got[k][i].numpy(), want[k].numpy(), err_msg=f"{k} image {i}", **TOL)
+        for k, w in want.items():
+            np.testing.assert_allclose(got[k][i].numpy(), w.numpy(), err_msg=f"{k} image {i}", **TOL)
 
 
 def test_masked_sum_pool_l1_ignores_padding_rows() -> None:

@@ -11,7 +11,11 @@ import torch
 from torchvision.ops import box_iou, roi_align
 
 from pipeline.model.backbones import Backbone
-from pipeline.model.proposals import activation_candidates, activation_proposals, proposal_recall
+from pipeline.model.proposals import (
+    activation_candidates,
+    activation_proposals,
+    proposal_recall,
+)
 from pipeline.model.recognition import RegionDescriber, pool_roi
 from pipeline.model.rpn import RPN
 

@@ -93,9 +93,8 @@ def rescale_batch(x: torch.Tensor, hw: Sequence[tuple[int, int]], scale: float,
         The new batch and each image's new (height, width).
     """
     new_hw = [(max(1, round(h * scale)), max(1, round(w * scale))) for h, w in hw]
-    # Padded from the input's padded size (not the images'), so every batch of a bucket gets one shape per level.
-    H = max(_padded(round(x.shape[2] * scale), stride), _padded(max(h for h, _ in new_hw), stride))
-    W = max(_padded(round(x.shape[3] * scale), stride), _padded(max(w for _, w in new_hw), stride))
+    H = _padded(max(h for h, _ in new_hw), stride)
+    W = _padded(max(w for _, w in new_hw), stride)
     out = x.new_zeros((x.shape[0], 3, H, W))
     # One resize per distinct image size in the batch (bucketed batches hold few), not one per image.
     groups: dict[tuple[tuple[int, int], tuple[int, int]], list[int]] = {}
