@@ -45,7 +45,8 @@ def measure(checkout: str, args: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": checkout}
     load = os.getloadavg()[0]
     out = subprocess.run([sys.executable, "-c", CHILD, str(args.n), str(args.max_side), str(args.batch_size),
-                          str(args.threads), args.scales], env=env, capture_output=True, text=True, check=True)
+                          str(args.threads), args.scales], env=env, cwd=checkout, capture_output=True, text=True,
+                         check=True)  # cwd: "python -c" puts it first on sys.path
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["module"].startswith(str(Path(checkout).resolve())), (r["module"], checkout)
     r["load_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
