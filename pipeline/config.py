@@ -240,6 +240,7 @@ class ReindexConfig(ModelConfig, HasStorage):
     threads: int = _like(ExtractConfig, "threads")
     actor_cpus: float = _like(ExtractConfig, "actor_cpus")
     prefetch: int = _like(ExtractConfig, "prefetch")
+    pad_step: int = _like(ExtractConfig, "pad_step")
     float16: bool = _like(ExtractConfig, "float16")
     max_pixels: int = _like(ExtractConfig, "max_pixels")
     max_image_bytes: int = _like(ExtractConfig, "max_image_bytes")
