@@ -1,4 +1,4 @@
-"""Region proposers: the ``Proposer`` interface, the training-free activation proposer, and proposal recall."""
+"""Region proposers: the ``Proposer`` interface, the activation proposer (per image and batched), proposal recall."""
 
 from __future__ import annotations
 

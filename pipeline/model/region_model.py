@@ -41,6 +41,8 @@ class RegionModel:
     ``global``, ``spoc``, ``mac``, ``rmac``, ``gem``, ``crow`` (1-D float32), ``boxes`` (R, 4) in original-image pixels,
     ``scores`` (R,) descending, ``regions`` (R, D) region descriptors, ``local`` (D,) = L1(sum of regions) (eq. 1-2).
     R <= K: each level of the region pyramid (``region_scales``) proposes its top K, and the K best of them all are kept.
+    Everything after the backbone runs for the whole batch in tensor ops on the model's device (proposals, every
+    pooling, one RoIAlign over all levels), and the outputs reach the host in one copy per batch.
 
     Args:
         config: the model config.
