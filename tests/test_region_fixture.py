@@ -26,7 +26,7 @@ from pipeline.model.transform import padded_size
 
 FIXTURES = Path(__file__).with_name("fixtures")
 sys.path.insert(0, str(FIXTURES))
-import make_region_fixture as F  # noqa: E402
+import make_region_fixture as F
 
 VECTORS = ("global", "spoc", "mac", "rmac", "gem", "crow", "local")
 MIN_VECTOR_COS, BOX_IOU, MIN_FOUND_PER_IMAGE, MIN_FOUND_ALL, MIN_REGION_COS = 0.999, 0.9, 10, 0.95, 0.99

@@ -239,7 +239,7 @@ class GpuSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "GpuSampler":
+    def __enter__(self) -> GpuSampler:
         if getattr(self.device, "type", "cpu") == "cuda":
             self._thread = threading.Thread(target=self._loop, daemon=True)
             self._thread.start()
@@ -256,7 +256,7 @@ class GpuSampler:
                 return
             self._stop.wait(self.every_s)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
