@@ -20,6 +20,7 @@ SAMPLE_DATA = REPO_ROOT / "data" / "caltech8"
 BACKBONES = ("mobilenet_v2", "vgg16", "resnet50")
 PROPOSERS = ("activation", "rpn")
 REGION_POOLS = ("gem", "mac", "spoc")
+PRECISIONS = ("float32", "bfloat16", "float16")
 PROTOCOLS = ("category", "oxford", "revisited", "labels")
 
 # Keys whose values may carry credentials: never logged, hashed or written to manifests.
@@ -116,6 +117,10 @@ class ModelConfig:
     region_pool: str = _opt("gem", "pooling of RoI features into a region descriptor (non-VGG backbones)", choices=REGION_POOLS)
     checkpoint: str = _opt("", "URL of a trained region-model checkpoint (required for --proposer rpn)")
     random_weights: bool = _opt(False, "use random backbone weights (tests only; never the default)")
+    # Hashed only when set (hash_default=False): outputs extracted before the option existed keep their hash.
+    precision: str = _opt("float32", "arithmetic of the backbone and region head: float32, or bfloat16/float16 "
+                                     "autocast (mixed precision; GPU; see BENCHMARKS.md for its effect on retrieval)",
+                          choices=PRECISIONS, hash_default=False)
 
     def validate(self) -> None:
         """Raise ConfigError for values outside their domain."""
@@ -172,6 +177,9 @@ class ExtractConfig(ModelConfig, HasStorage):
                            "CPUs shared among CPU actors (all cores in-process)")
     actor_cpus: float = _opt(1.0, "CPUs reserved per model actor")
     prefetch: int = _opt(2, "decoded shards in flight per actor (pipelining decode with inference)")
+    pad_step: int = _opt(0, "pad each batch to its largest image rounded up to this many pixels, so batches come "
+                            "in fewer shapes (GPU autotuning pays once per shape); 0: to the backbone's stride. More "
+                            "padding changes features near image borders (see BENCHMARKS.md)")
     float16: bool = _opt(False, "store vectors as float16 (half the bytes)")
     max_pixels: int = _opt(89_478_485, "refuse images with more pixels (decompression bombs)")
     max_image_bytes: int = _opt(256 * 2**20, "refuse image files of more bytes, unread (status too_large): a huge or "
@@ -188,6 +196,8 @@ class ExtractConfig(ModelConfig, HasStorage):
         for name in ("shard_size", "batch_size", "prefetch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if self.pad_step < 0 or self.pad_step > self.max_side:
+            raise ConfigError(f"pad_step must be in [0, max_side], got {self.pad_step}")
         if self.num_actors < 0 or self.threads < 0 or self.actor_cpus < 0:
             raise ConfigError("num_actors, threads and actor_cpus must be >= 0")
         if self.num_gpus < 0 and self.num_gpus != -1:
@@ -255,6 +265,7 @@ class ReindexConfig(ModelConfig, HasStorage):
     threads: int = _like(ExtractConfig, "threads")
     actor_cpus: float = _like(ExtractConfig, "actor_cpus")
     prefetch: int = _like(ExtractConfig, "prefetch")
+    pad_step: int = _like(ExtractConfig, "pad_step")
     float16: bool = _like(ExtractConfig, "float16")
     max_pixels: int = _like(ExtractConfig, "max_pixels")
     max_image_bytes: int = _like(ExtractConfig, "max_image_bytes")
@@ -294,7 +305,9 @@ class ReindexConfig(ModelConfig, HasStorage):
 
     def features_url(self) -> str:
         """Where the extraction writes: ``<root>/features``."""
-        from pipeline.store.versions import features_url  # lazily: configs import no storage code
+        from pipeline.store.versions import (
+            features_url,  # lazily: configs import no storage code
+        )
 
         return features_url(self.root)
 
@@ -466,14 +479,19 @@ def public_dict(cfg: Any) -> dict[str, Any]:
     """The config as a dict with secret fields redacted: what may be logged and written beside outputs."""
     d = dataclasses.asdict(cfg)
     for k in SECRET_FIELDS:
-        if k in d and d[k]:
+        if d.get(k):
             d[k] = "<redacted>"
     return d
 
 
 def config_hash(cfg: Any) -> str:
     """A short stable hash of a config's public fields (sorted JSON, sha256, 12 hex)."""
-    blob = json.dumps({k: v for k, v in public_dict(cfg).items() if k not in SECRET_FIELDS}, sort_keys=True)
+    # A field marked hash_default=False is left out while it holds its default, so adding such a field to a config
+    # does not change the hash of configs that do not use it.
+    skip = {f.name for f in dataclasses.fields(cfg)
+            if f.metadata.get("hash_default", True) is False and getattr(cfg, f.name) == f.default}
+    blob = json.dumps({k: v for k, v in public_dict(cfg).items() if k not in SECRET_FIELDS and k not in skip},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model.descriptors import crow, gem, l2n, mac, rmac, rmac_regions, spoc, sum_pool_l1
+from pipeline.model.descriptors import (
+    crow,
+    gem,
+    l2n,
+    mac,
+    rmac,
+    rmac_regions,
+    spoc,
+    sum_pool_l1,
+)
 
 # (C, H, W): square, H != W both ways, 1x1, a single row, an extreme aspect ratio.
 SHAPES = [(8, 5, 5), (16, 7, 10), (6, 10, 3), (4, 1, 1), (5, 1, 9), (3, 2, 32), (12, 13, 17)]
@@ -305,3 +314,45 @@ def test_l2n():
     np.testing.assert_allclose(l2n(v).numpy(), [[0.6, 0.8], [0.0, 0.0]], **TOL)
     np.testing.assert_allclose(l2n(torch.tensor([3.0, 4.0])).numpy(), [0.6, 0.8], **TOL)
     np.testing.assert_allclose(l2n(v, dim=0)[:, 0].numpy(), [1.0, 0.0], **TOL)
+
+
+# ---------------------------------------------------------------- the batched (masked) forms against the per-image ones
+
+
+def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+    """A (B, C, 9, 12) padded batch of maps of several valid sizes (padding filled with large values, which a masked
+    form must ignore; an all-zero image included), their (h, w), and the valid maps."""
+    sizes = [(9, 12), (5, 12), (9, 4), (1, 1), (7, 7), (3, 11)]
+    x = torch.full((len(sizes), 6, 9, 12), 50.0)
+    maps = []
+    for i, (h, w) in enumerate(sizes):
+        m = relu_map((6, h, w), seed + i) if i != 4 else np.zeros((6, h, w), np.float32)
+        x[i, :, :h, :w] = as_t(m)
+        maps.append(m)
+    return x, torch.tensor(sizes), maps
+
+
+def test_masked_poolings_equal_the_per_image_formulas() -> None:
+    from pipeline.model import descriptors as D
+    from pipeline.model.transform import valid_mask
+
+    x, cells, maps = padded_batch()
+    mask = valid_mask(cells, x.shape[-2], x.shape[-1])
+    got = {"spoc": D.masked_spoc(x, mask), "mac": D.masked_mac(x, mask), "gem": D.masked_gem(x, mask),
+           "crow": D.masked_crow(x, mask), "rmac": D.batched_rmac(x, cells)}
+    for i, m in enumerate(maps):
+        t = as_t(m)
+        want = {"spoc": spoc(t), "mac": mac(t), "gem": gem(t), "crow": crow(t), "rmac": rmac(t)}
+        for k, w in want.items():
+            np.testing.assert_allclose(got[k][i].numpy(), w.numpy(), err_msg=f"{k} image {i}", **TOL)
+
+
+def test_masked_sum_pool_l1_ignores_padding_rows() -> None:
+    from pipeline.model.descriptors import masked_sum_pool_l1
+
+    rng = np.random.default_rng(3)
+    r = torch.from_numpy(rng.random((3, 5, 4), dtype=np.float32))
+    valid = torch.tensor([[True] * 5, [True, True, False, False, False], [False] * 5])
+    got = masked_sum_pool_l1(r, valid)
+    for i in range(3):
+        np.testing.assert_allclose(got[i].numpy(), sum_pool_l1(r[i][valid[i]]).numpy(), **TOL)

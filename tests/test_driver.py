@@ -82,3 +82,59 @@ def test_an_in_process_run_reports_progress_batch_by_batch(tmp_path: Path, caplo
               if (m := re.match(r"progress: (\d+)/6 images", r.getMessage()))]
     # One shard of six images in batches of two: progress moves inside the shard, not only when it ends.
     assert counts[:3] == [2, 4, 6] and counts[-1] == 6
+
+
+class _Recording(LocalRunner):
+    """The in-process runner, recording when the driver starts and closes it."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def start(self, cfg: ExtractConfig) -> None:
+        self.calls.append("start")
+
+    def run(self, cfg, shards, progress):
+        self.calls.append(f"run {len(shards)}")
+        return super().run(cfg, shards, progress)
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+def test_the_runner_starts_before_listing_and_is_closed_in_every_case(tmp_path: Path, monkeypatch) -> None:
+    """The runner is started before the input is listed (its models load meanwhile) and closed at the end: after a
+    run, after a run with nothing to do, and after a failure; the manifest has the per-stage seconds."""
+    src = tmp_path / "images"
+    src.mkdir()
+    for f in sorted((SAMPLE / "Faces").glob("*.jpg"))[:3]:
+        shutil.copy(f, src / f.name)
+    cfg = ExtractConfig(input=str(src), output=str(tmp_path / "out"), max_side=64, regions=3, batch_size=2, threads=1)
+    calls: list[str] = []
+    listed = driver.listing.list_images
+
+    def list_images(*a, **k):
+        calls.append("list")
+        return listed(*a, **k)
+
+    monkeypatch.setattr(driver.listing, "list_images", list_images)
+    manifest = driver.run(cfg, _Recording(calls))
+    assert calls == ["start", "list", "run 1", "close"]
+    stages = manifest["run"]["stage_seconds_summed"]
+    assert set(stages) == {"read_s", "fetch_s", "decode_s", "infer_s", "write_s"}
+    assert all(v > 0 for v in stages.values()), stages
+    assert stages["fetch_s"] + stages["decode_s"] <= stages["read_s"] * 1.5 + 0.05  # one thread per image here
+
+    calls.clear()
+    driver.run(cfg, _Recording(calls))  # nothing left to do
+    assert calls == ["start", "list", "close"]
+
+    def broken(*a, **k):
+        raise OSError("listing failed")
+
+    calls.clear()
+    monkeypatch.setattr(driver.listing, "list_images", broken)
+    try:
+        driver.run(cfg, _Recording(calls))
+    except OSError:
+        pass
+    assert calls == ["start", "close"]

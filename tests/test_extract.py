@@ -208,6 +208,25 @@ def test_run_model_on_shard_batches_by_size_and_keeps_record_order(float16):
     assert stats["regions"] == 8 and stats["read_s"] == 0.5
 
 
+def test_plan_batches_by_aspect_ratio_and_buckets():
+    """Batches hold one orientation, widest first; with buckets each batch is padded to its bucket's size."""
+    from functools import partial
+
+    from pipeline.model.transform import padded_size
+
+    shapes = [(448, 100), (300, 448), (448, 448), (290, 448), (448, 300), (100, 448), (448, 310)]
+    batches = worker.plan_batches(shapes, 3)
+    assert batches == [([5, 3, 1], None), ([2, 6, 4], None), ([0], None)]
+    bucket = partial(padded_size, max_side=448, stride=32, step=64)
+    assert [size for _, size in worker.plan_batches(shapes, 3, bucket)] == [(320, 448), (448, 448), (448, 128)]
+    assert padded_size(300, 448, 448, 32, 64) == (320, 448) and padded_size(300, 448, 448, 32, 32) == (320, 448)
+    assert padded_size(33, 65, 80, 32, 64) == (64, 96)  # capped at max_side rounded up to the stride
+    # Waste: padded pixels no image fills, from a hand count.
+    waste = worker.padding_waste([(32, 64), (16, 64)], [([0, 1], None)], 32)
+    assert waste == 1 - (32 * 64 + 16 * 64) / (2 * 32 * 64)
+    assert worker.padding_waste([(32, 64)], [([0], (64, 64))], 32) == 0.5
+
+
 def test_actor_threads_share_the_cpus_without_oversubscribing():
     assert runners.actor_threads(3, 0, 1.0, 16, 4) == 3  # an explicit value wins
     assert runners.actor_threads(0, 0, 1.0, 2, 1) == 2  # one CPU actor: every core (decoding is a small share)

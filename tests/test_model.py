@@ -22,8 +22,13 @@ from pipeline.model import descriptors as D
 from pipeline.model.backbones import WeightsUnavailable
 from pipeline.model.proposals import ActivationProposer, activation_proposals
 from pipeline.model.recognition import pool_roi
-from pipeline.model.region_model import RegionModel, merge_levels, postprocess
-from pipeline.model.transform import batch_images, normalise, rescale_batch
+from pipeline.model.region_model import RegionModel, merge_levels
+from pipeline.model.transform import (
+    batch_images,
+    normalise,
+    original_boxes,
+    rescale_batch,
+)
 
 VECTOR_KEYS = ("global", "spoc", "mac", "rmac", "gem", "crow", "local")
 KEYS = set(VECTOR_KEYS) | {"boxes", "scores", "regions"}
@@ -334,9 +339,20 @@ def test_activation_proposer_is_activation_proposals_in_pixels(model: RegionMode
         assert torch.equal(boxes, want) and torch.equal(scores, want_scores)
 
 
+def postprocess(vectors: dict[str, torch.Tensor], boxes: torch.Tensor, scores: torch.Tensor, regions: torch.Tensor,
+                hw: tuple[int, int], size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """One image's outputs as the model returns them (the per-image reference for the model's batched unpacking)."""
+    out = {k: v.float().numpy() for k, v in vectors.items()}
+    out["boxes"] = original_boxes(boxes, hw, size).numpy()
+    out["scores"] = scores.float().numpy()
+    out["regions"] = regions.float().numpy()
+    return out
+
+
 def test_model_is_its_composed_pieces(pyramid: RegionModel, mixed) -> None:
     """transform -> backbone -> proposer -> recognition per level -> merge -> descriptors -> postprocess, spelled out
-    here from the pieces, gives exactly the model's outputs."""
+    here image by image from the per-image pieces (scipy proposals, one RoIAlign per level, the (C, H, W) pooling
+    formulas), gives the batched model's outputs: boxes exactly, vectors to float rounding."""
     batch, _ = mixed
     m = pyramid
     s = m.backbone.stride
@@ -348,7 +364,13 @@ def test_model_is_its_composed_pieces(pyramid: RegionModel, mixed) -> None:
         for sc in (1.0, 0.5):
             xs, hws = (x, hw) if sc == 1.0 else rescale_batch(x, hw, sc, s)
             fm = m.backbone.features(xs).float()
-            props = m.proposer.propose(fm, hws, m.config.regions)
+            props = []
+            for i, (h, w) in enumerate(hws):
+                cells, sco = activation_proposals(fm[i, :, : math.ceil(h / s), : math.ceil(w / s)], m.config.regions)
+                b = cells * s
+                b[:, 0::2] = b[:, 0::2].clamp(0, w)
+                b[:, 1::2] = b[:, 1::2].clamp(0, h)
+                props.append((b, sco))
             desc = m.recognition(fm, [b for b, _ in props])
             levels.append(([b / sc for b, _ in props], [p for _, p in props], [d.float() for d in desc]))
         want = []
@@ -360,8 +382,10 @@ def test_model_is_its_composed_pieces(pyramid: RegionModel, mixed) -> None:
     got = m(images, sizes)
     for a, b in zip(got, want):
         assert set(a) == set(b)
+        assert np.array_equal(a["boxes"], b["boxes"])
         for key in a:
-            assert np.array_equal(a[key], b[key]), key
+            assert a[key].shape == b[key].shape and a[key].dtype == np.float32, key
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 def test_the_model_does_not_import_the_trainer() -> None:
@@ -373,3 +397,74 @@ def test_the_model_does_not_import_the_trainer() -> None:
             "m.startswith('pipeline.densecap.') and m != 'pipeline.densecap.checkpoint'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# --- the batched forms of the per-image steps ------------------------------------------------------------------
+
+
+def test_describe_levels_is_one_roi_align_per_level(pyramid: RegionModel) -> None:
+    """One RoIAlign over levels of different sizes (stacked, edge-replicated) equals describing each level alone,
+    boxes reaching the levels' far edges included."""
+    torch.manual_seed(0)
+    fmaps = [torch.rand(3, 8, 5, 7), torch.rand(3, 8, 3, 4)]
+    s = pyramid.backbone.stride
+    boxes = []
+    for fm in fmaps:
+        h, w = fm.shape[-2] * s, fm.shape[-1] * s
+        b = torch.tensor([[0, 0, w, h], [w / 2, h / 3, w, h], [3, 5, 40, 33]], dtype=torch.float32)
+        boxes.append(b.expand(3, -1, -1).clone())
+    got = pyramid.recognition.describe_levels(fmaps, boxes)
+    for fm, bx, g in zip(fmaps, boxes, got):
+        want = pyramid.recognition(fm, list(bx))
+        for i in range(3):
+            torch.testing.assert_close(g[i], want[i], rtol=1e-5, atol=1e-6)
+
+
+def test_vgg_global_feature_batched_equals_per_image(model: RegionModel, monkeypatch) -> None:
+    """The paper's fc7 global feature (max-pool, 7x7 adaptive average, head), batched over padded maps of several
+    sizes, equals the per-image computation on each valid map (a small stand-in head keeps the test fast)."""
+    torch.manual_seed(1)
+    head = torch.nn.Sequential(torch.nn.Linear(4 * 49, 5), torch.nn.ReLU())
+    monkeypatch.setattr(model.backbone, "head", head)
+    sizes = [(9, 14), (5, 3), (14, 14), (1, 2), (8, 11)]
+    fmap = torch.full((len(sizes), 4, 14, 14), 7.0)
+    for i, (h, w) in enumerate(sizes):
+        fmap[i, :, :h, :w] = torch.rand(4, h, w)
+    cells = torch.tensor(sizes)
+    from pipeline.model.transform import valid_mask
+
+    with torch.inference_mode():
+        got = model._global_features(fmap, cells, valid_mask(cells, 14, 14))
+        for i, (h, w) in enumerate(sizes):
+            x = F.adaptive_avg_pool2d(F.max_pool2d(fmap[i : i + 1, :, :h, :w], 2, ceil_mode=True), 7)
+            torch.testing.assert_close(got[i], head(x.flatten(1))[0], rtol=1e-5, atol=1e-6)
+
+
+def test_precision_is_hashed_only_when_set() -> None:
+    """Outputs extracted before the precision option existed keep their config hash; a mixed-precision config
+    gets another one (its outputs are not float32's)."""
+    from pipeline.config import config_hash
+
+    assert config_hash(ModelConfig()) == "ab549cc17c11"  # main's hash of the default config
+    assert config_hash(ModelConfig(precision="bfloat16")) != config_hash(ModelConfig())
+    with pytest.raises(ValueError):
+        ModelConfig(precision="int8").validate()
+
+
+@pytest.mark.slow
+def test_bfloat16_autocast_stays_close_to_float32(model: RegionModel, mixed) -> None:
+    """Mixed precision (bfloat16 autocast of the backbone and head) within a stated tolerance of float32 on
+    photos: image vectors at cosine >= 0.99, and at least half of the top-K boxes found again (IoU >= 0.7).
+    Retrieval effect: BENCHMARKS.md."""
+    from torchvision.ops import box_iou
+
+    batch, want = mixed
+    bf = RegionModel(dataclasses.replace(model.config, precision="bfloat16"), device="cpu")
+    assert bf.amp_dtype == torch.bfloat16
+    got = run(bf, batch)
+    for a, b in zip(got, want):
+        for k in VECTOR_KEYS:
+            c = float(a[k] @ b[k] / (np.linalg.norm(a[k]) * np.linalg.norm(b[k])))
+            assert c >= 0.99, (k, c)
+        found = box_iou(torch.from_numpy(b["boxes"]), torch.from_numpy(a["boxes"])).max(dim=1).values >= 0.7
+        assert found.float().mean() >= 0.5

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torchvision.ops import box_iou, roi_align
 
 from pipeline.model.backbones import Backbone
-from pipeline.model.proposals import activation_candidates, activation_proposals, proposal_recall
+from pipeline.model.proposals import (
+    activation_candidates,
+    activation_proposals,
+    proposal_recall,
+)
 from pipeline.model.recognition import RegionDescriber, pool_roi
 from pipeline.model.rpn import RPN
 
@@ -258,3 +263,87 @@ def test_proposal_recall_hand_cases() -> None:
     assert math.isnan(proposal_recall(gt, torch.zeros(0, 4)))
     # One proposal may match several ground-truth boxes.
     assert proposal_recall(torch.tensor([[0.0, 0.0, 30.0, 30.0]]), torch.tensor([[0.0, 0.0, 30.0, 29.0]] * 3)) == 1.0
+
+
+# --- the batched activation proposer ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_label_components_is_scipy_label(seed: int) -> None:
+    """The same 4-connected partition as scipy.ndimage.label (labels differ by name only), spirals and all."""
+    from scipy import ndimage
+
+    from pipeline.model.proposals import label_components
+
+    rng = np.random.default_rng(seed)
+    masks = rng.random((5, 11, 13)) < [[[0.3]], [[0.5]], [[0.6]], [[0.9]], [[0.0]]]
+    masks[0, 1:10, 1] = masks[0, 9, 1:12] = masks[0, 1:10, 11] = masks[0, 1, 3:12] = True  # a long hook
+    got = label_components(torch.from_numpy(masks)).numpy()
+    for m, g in zip(masks, got):
+        want, _ = ndimage.label(m)
+        assert ((g > 0) == m).all()
+        pairs = set(zip(want[m].tolist(), g[m].tolist()))
+        assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})  # a bijection
+
+
+def test_batched_nms_is_torchvision_nms() -> None:
+    from torchvision.ops import nms
+
+    from pipeline.model.proposals import batched_nms
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(1, 40))
+        xy = rng.integers(0, 10, (3, n, 2))
+        wh = rng.integers(1, 8, (3, n, 2))
+        boxes = torch.from_numpy(np.concatenate([xy, xy + wh], axis=2).astype(np.float32))
+        scores = torch.from_numpy(rng.random((3, n)).astype(np.float32))
+        scores[2, n // 2:] = float("-inf")  # padding rows
+        scores, order = scores.sort(dim=1, descending=True, stable=True)
+        boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+        keep = batched_nms(boxes, scores, 0.5)
+        for i in range(3):
+            v = torch.isfinite(scores[i])
+            want = nms(boxes[i][v], scores[i][v], 0.5)
+            assert keep[i].nonzero().flatten().tolist() == want.tolist()
+
+
+@pytest.fixture(scope="module")
+def photo_maps() -> list[tuple[torch.Tensor, list[tuple[int, int]]]]:
+    """Feature maps of the 80 committed photos (data/caltech8), in size-sorted padded batches of 16, with the
+    default backbone at max_side 448 and 320."""
+    from pipeline.config import SAMPLE_DATA, ModelConfig
+    from pipeline.io.images import decode_image
+    from pipeline.model.region_model import RegionModel
+    from pipeline.model.transform import batch_images
+
+    model = RegionModel(ModelConfig(), device="cpu")
+    paths = sorted(SAMPLE_DATA.glob("*/*.jpg"))
+    out = []
+    for side in (448, 320):
+        dec = sorted((decode_image(p.read_bytes(), max_side=side) for p in paths), key=lambda d: d.array.shape[:2])
+        for b in range(0, len(dec), 16):
+            with torch.inference_mode():
+                x, hw = batch_images([d.array for d in dec[b:b + 16]], model.backbone, model.device)
+                out.append((model.backbone.features(x), hw))
+    return out
+
+
+@pytest.mark.slow
+def test_batched_proposals_equal_per_image_proposals_on_photos(photo_maps) -> None:
+    """On real photos, the whole-batch proposer gives every image exactly the boxes of the per-image (scipy)
+    proposer, in the same order, and the same scores to float32 rounding."""
+    from pipeline.model.proposals import batched_activation_proposals
+
+    n_images = 0
+    for fmap, hw in photo_maps:
+        cells = torch.tensor([(math.ceil(h / 32), math.ceil(w / 32)) for h, w in hw])
+        boxes, scores = batched_activation_proposals(fmap, cells, 12)
+        for i, (h, w) in enumerate(cells.tolist()):
+            want_b, want_s = activation_proposals(fmap[i, :, :h, :w], 12)
+            n = len(want_s)
+            assert torch.equal(boxes[i, :n], want_b)
+            torch.testing.assert_close(scores[i, :n], want_s, rtol=1e-6, atol=1e-7)
+            assert torch.isinf(scores[i, n:]).all() and not boxes[i, n:].any()
+            n_images += 1
+    assert n_images == 160

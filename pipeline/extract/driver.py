@@ -47,6 +47,16 @@ def run(cfg: ExtractConfig, runner: Runner, progress_every_s: float = 10.0) -> d
     so = cfg.fs_options
     preflight(cfg, so)
     t0 = time.perf_counter()
+    runner.start(cfg)  # models load (Ray actors start and warm up) while the input is listed and planned
+    try:
+        return _run(cfg, runner, so, t0, progress_every_s)
+    finally:
+        runner.close()
+
+
+def _run(cfg: ExtractConfig, runner: Runner, so: dict[str, Any], t0: float, progress_every_s: float
+         ) -> dict[str, Any]:
+    """``run`` once the runner is starting: list, plan, process, finish (see ``run``)."""
     records = listing.list_images(cfg.input, so)  # fails fast on an unreachable input, before the output is touched
     if not records and not cfg.allow_empty:
         raise EmptyInput(f"input {cfg.input} lists no images (files ending in {', '.join(listing.IMAGE_EXTS)}); "
@@ -60,7 +70,7 @@ def run(cfg: ExtractConfig, runner: Runner, progress_every_s: float = 10.0) -> d
         log.info("input %s: %d images listed, %d already done, %d to process in %d shards, %d to delete",
                  cfg.input, len(records), plan.skipped, plan.images, len(plan.shards), len(plan.deleted))
         progress = Progress(plan, t0, progress_every_s, lease, so)
-        # Nothing to process: no runner work at all (no model is built, no actor started).
+        # Nothing to process: no shard work (a runner's started actors are stopped by ``close``).
         done = runner.run(cfg, plan.shards, progress) if plan.shards else []
         progress.renew()  # a long last shard may have used up half the lease: deletions and manifest still to write
         manifest = finish(cfg, plan, done, time.perf_counter() - t0, so)
@@ -200,7 +210,10 @@ def summarise(markers: Sequence[dict[str, Any]], elapsed: float) -> dict[str, An
     """Counts and throughput of the shards a run finished."""
     statuses: dict[str, int] = {}
     images = regions = 0
-    timing = {"read_s": 0.0, "infer_s": 0.0, "write_s": 0.0}
+    # Per stage: read_s is the decode task's wall time (fetch + decode); fetch_s and decode_s split it (summed over
+    # its threads); infer_s and write_s are the model actor's.
+    timing = {"read_s": 0.0, "fetch_s": 0.0, "decode_s": 0.0, "infer_s": 0.0, "write_s": 0.0}
+    gpu_sum = gpu_n = 0.0
     for m in markers:
         s = m["stats"]
         images += s["images"]
@@ -209,11 +222,17 @@ def summarise(markers: Sequence[dict[str, Any]], elapsed: float) -> dict[str, An
             statuses[k] = statuses.get(k, 0) + v
         for k in timing:
             timing[k] += s.get(k, 0.0)
+        if s.get("gpu_util_mean") is not None:  # weighted by the shard's samples (its inference time)
+            gpu_sum += s["gpu_util_mean"] * s["gpu_util_samples"]
+            gpu_n += s["gpu_util_samples"]
     ok = statuses.get(imgs.OK, 0)
-    return {"shards": len(markers), "images": images, "ok": ok, "errors": images - ok, "statuses": statuses,
-            "regions": regions, "elapsed_s": round(elapsed, 3),
-            "images_per_s": round(images / elapsed, 3) if elapsed > 0 else None,
-            "stage_seconds_summed": {k: round(v, 3) for k, v in timing.items()}}
+    out = {"shards": len(markers), "images": images, "ok": ok, "errors": images - ok, "statuses": statuses,
+           "regions": regions, "elapsed_s": round(elapsed, 3),
+           "images_per_s": round(images / elapsed, 3) if elapsed > 0 else None,
+           "stage_seconds_summed": {k: round(v, 3) for k, v in timing.items()}}
+    if gpu_n:
+        out["gpu_util_mean_during_infer"] = round(gpu_sum / gpu_n, 1)
+    return out
 
 
 def versions() -> dict[str, str]:

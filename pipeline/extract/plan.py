@@ -27,7 +27,9 @@ class DecodedShard:
 
     shard: Shard
     decoded: list[imgs.Decoded]
-    read_s: float
+    read_s: float  # wall seconds of the whole fetch + decode
+    fetch_s: float = 0.0  # seconds spent fetching bytes, summed over the fetch threads
+    decode_s: float = 0.0  # seconds spent decoding and resizing, summed over the threads
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,17 @@ class Runner(Protocol):
     """Processes shards (decode, model, write: each ends with its done-marker) and returns their markers.
 
     Listing, planning and the manifest are the driver's (``pipeline.extract.driver.run``); a runner only decides
-    where and how the per-shard work of ``pipeline.extract.worker`` runs.
+    where and how the per-shard work of ``pipeline.extract.worker`` runs. The driver calls ``start`` before it lists
+    the input (so models can load meanwhile), then ``run`` if there are shards, and ``close`` at the end in any case.
     """
+
+    def start(self, cfg: ExtractConfig) -> None:
+        """Begin starting what ``run`` will need, without waiting for it."""
+        ...
+
+    def close(self) -> None:
+        """Release whatever ``start`` or ``run`` started (idempotent)."""
+        ...
 
     def run(self, cfg: ExtractConfig, shards: Sequence[Shard], progress: Progress) -> list[dict[str, Any]]:
         """Process every shard; call ``progress(done)`` as shards finish and ``progress(done, final=True)`` at the end.
@@ -38,12 +47,18 @@ class Runner(Protocol):
 
 class LocalRunner:
     """Runs shards one after another in this process, without Ray (single machine, debugging, tests; the reference
-    the Ray runner is compared against)."""
+    the Ray runner is compared against). It builds its model in ``run`` (a run with nothing to do builds none)."""
+
+    def start(self, cfg: ExtractConfig) -> None:
+        """Nothing to start ahead."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def run(self, cfg: ExtractConfig, shards: Sequence[Shard], progress: Progress) -> list[dict[str, Any]]:
         """Build the model here, then decode and process each shard in turn (see ``Runner.run``)."""
         so = cfg.fs_options
-        worker = ShardWorker(cfg.model_config(), cfg.output, cfg.batch_size, cfg.float16, cfg.threads, so)
+        worker = ShardWorker(cfg.model_config(), cfg.output, cfg.batch_size, cfg.float16, cfg.threads, so, cfg.pad_step)
         done: list[dict[str, Any]] = []
         def batch_done(n: int) -> None:
             progress.add(n)
@@ -59,26 +74,29 @@ class LocalRunner:
 class RayRunner:
     """Runs shards on a Ray cluster: decode tasks on CPU workers feeding model actors (GPU or CPU).
 
-    It joins the cluster in RAY_ADDRESS, or starts a local Ray instance, the first time it has shards to run (a run
-    with nothing to do never starts Ray). Decode tasks run ahead of the model actors by ``cfg.prefetch`` shards per
-    actor so decoding, inference and writing overlap, and at most that many decoded shards exist at once (memory
-    stays flat as the corpus grows). A shard whose actor dies is resubmitted, up to ``SHARD_ATTEMPTS`` runs.
+    ``start`` joins the cluster in RAY_ADDRESS, or starts a local Ray instance, and starts the model actors and
+    warms them (``ShardWorker.warm``) without waiting, so they load while the driver lists and plans the input. The
+    driver calls it once the input and output are checked; a run that turns out to have nothing to do then stops the
+    actors again (``close``). Decode tasks run ahead of the model actors by ``cfg.prefetch`` shards per actor so
+    decoding, inference and writing overlap, and at most that many decoded shards exist at once (memory stays flat as
+    the corpus grows). A shard whose actor dies is resubmitted, up to ``SHARD_ATTEMPTS`` runs.
     """
 
-    def run(self, cfg: ExtractConfig, shards: Sequence[Shard], progress: Progress) -> list[dict[str, Any]]:
-        """Schedule the shards on model actors started for this run, and stop them at the end (see ``Runner.run``).
+    def __init__(self) -> None:
+        self.actors: list[Any] = []
+        self.warming: list[Any] = []
+        self.cfg: ExtractConfig | None = None
 
-        Raises:
-            RuntimeError: a shard failed ``SHARD_ATTEMPTS`` times (rerunning the same command resumes).
-        """
+    def start(self, cfg: ExtractConfig) -> None:
+        """Start Ray (if needed) and the run's model actors, each asked to warm up; returns at once."""
         import ray
 
+        if self.actors:
+            return
         init_ray()
-        so = cfg.fs_options
         gpus = ray.cluster_resources().get("GPU", 0.0)
         num_gpus = cfg.num_gpus if cfg.num_gpus >= 0 else (1.0 if gpus >= 1 else 0.0)
-        n_actors = cfg.num_actors or (max(1, int(gpus // num_gpus)) if num_gpus > 0 else 1)
-        n_actors = max(1, min(n_actors, len(shards)))
+        n_actors = max(1, cfg.num_actors or (max(1, int(gpus // num_gpus)) if num_gpus > 0 else 1))
         cpus = ray.cluster_resources().get("CPU", 1.0)
         threads = actor_threads(cfg.threads, num_gpus, cfg.actor_cpus, cpus, n_actors)
         log.info("%d model actor(s), %.2g GPU, %.2g CPU and %d torch threads each", n_actors, num_gpus, cfg.actor_cpus,
@@ -89,9 +107,38 @@ class RayRunner:
         # id, files overwritten, marker last), so re-running one is safe.
         actor_cls = ray.remote(num_cpus=cfg.actor_cpus, num_gpus=num_gpus, max_restarts=-1,
                                max_task_retries=max(0, SHARD_ATTEMPTS - 1))(ShardWorker)
-        actors = [actor_cls.remote(model_config=cfg.model_config(), output=cfg.output, batch_size=cfg.batch_size,
-                                   float16=cfg.float16, threads=threads, storage_options=so)
-                  for _ in range(n_actors)]
+        self.actors = [actor_cls.remote(model_config=cfg.model_config(), output=cfg.output, batch_size=cfg.batch_size,
+                                        float16=cfg.float16, threads=threads, storage_options=cfg.fs_options,
+                                        pad_step=cfg.pad_step) for _ in range(n_actors)]
+        self.warming = [a.warm.remote() for a in self.actors]
+        self.cfg = cfg
+
+    def close(self) -> None:
+        """Stop the model actors (also when the run failed: restartable actors would otherwise outlive it, holding
+        their CPUs/GPUs, and a later run on the same cluster could wait forever for those resources)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors, self.warming = [], []
+
+    def run(self, cfg: ExtractConfig, shards: Sequence[Shard], progress: Progress) -> list[dict[str, Any]]:
+        """Schedule the shards on the model actors (started now unless ``start`` did), and stop them at the end (see
+        ``Runner.run``).
+
+        Raises:
+            RuntimeError: a shard failed ``SHARD_ATTEMPTS`` times (rerunning the same command resumes).
+        """
+        import ray
+
+        if self.cfg is not cfg:
+            self.close()
+            self.start(cfg)
+        so = cfg.fs_options
+        for extra in self.actors[len(shards):]:  # more actors than shards: the extra ones have nothing to do
+            ray.kill(extra, no_restart=True)
+        actors = self.actors[: max(1, len(shards))]
+        n_actors = len(actors)
         decode = ray.remote(num_cpus=1, max_retries=SHARD_ATTEMPTS)(decode_shard)
         counter = ray.remote(num_cpus=0)(ImageCounter).remote()  # the actors' image-level progress, batch by batch
         on_images = CountTo(counter)
@@ -124,10 +171,8 @@ class RayRunner:
                 progress.counted = ray.get(counter.total.remote())
                 progress(done, final=not (queue or inflight))
         finally:
-            # Also when the run fails: restartable actors would otherwise outlive it, holding their CPUs/GPUs, and a
-            # later run on the same cluster could wait forever for those resources.
-            for actor in [*actors, counter]:
-                ray.kill(actor, no_restart=True)
+            ray.kill(counter, no_restart=True)
+            self.close()
         return done
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -42,10 +44,12 @@ def decode_shard(shard: Shard, max_side: int, max_pixels: int, storage_options: 
         The decoded shard, in the shard's record order.
     """
     t0 = time.perf_counter()
+    spent = [0.0, 0.0]  # fetch, decode seconds summed over threads (float += under the GIL is atomic enough here)
 
     def one(rec: listing.ImageRecord) -> imgs.Decoded:
         if rec.error:
             return imgs.failed(imgs.BAD_RECORD, rec.error)
+        t = time.perf_counter()
         try:
             data = storage.read_bytes(rec.uri, storage_options, max_bytes=max_image_bytes)
         except storage.TooLarge:
@@ -55,18 +59,73 @@ def decode_shard(shard: Shard, max_side: int, max_pixels: int, storage_options: 
             return imgs.failed(imgs.NOT_IMAGE, f"{e} (a FIFO, device, socket or folder); not read")
         except Exception as e:  # noqa: BLE001 - any other fetch failure becomes a retryable error row
             return imgs.failed(imgs.READ_ERROR, f"{type(e).__name__}: {e}")
-        return imgs.decode_image(data, max_side=max_side, max_pixels=max_pixels)
+        finally:
+            spent[0] += time.perf_counter() - t
+        t = time.perf_counter()
+        try:
+            return imgs.decode_image(data, max_side=max_side, max_pixels=max_pixels)
+        finally:
+            spent[1] += time.perf_counter() - t
 
     with ThreadPoolExecutor(max_workers=io_threads) as pool:
         decoded = list(pool.map(one, shard.records))
-    return DecodedShard(shard, decoded, time.perf_counter() - t0)
+    return DecodedShard(shard, decoded, time.perf_counter() - t0, spent[0], spent[1])
+
+
+def plan_batches(shapes: Sequence[tuple[int, int]], batch_size: int,
+                 bucket: Callable[[int, int], tuple[int, int]] | None = None
+                 ) -> list[tuple[list[int], tuple[int, int] | None]]:
+    """Cut a shard's decoded images into batches that pad little (pure).
+
+    Images are sorted by aspect ratio (height / width: the widest first, the tallest last, then by size), so a batch
+    holds images of one orientation and nearly one shape (after the max_side resize, one side is max_side and the
+    aspect ratio fixes the other), and cut every ``batch_size``: as few batches as images allow. Each batch is padded
+    to ``bucket`` of its largest height and width (a small set of padded sizes: a GPU autotunes each shape once), or
+    without ``bucket`` to its own largest image.
+
+    Args:
+        shapes: each image's (height, width) after resizing.
+        batch_size: images per batch.
+        bucket: (h, w) -> padded (H, W), or None.
+
+    Returns:
+        Batches: (indices into ``shapes``, padded size or None = the batch's own).
+    """
+    order = sorted(range(len(shapes)), key=lambda i: (shapes[i][0] / shapes[i][1], shapes[i]))
+    out: list[tuple[list[int], tuple[int, int] | None]] = []
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        out.append((idx, None if bucket is None else bucket(max(shapes[i][0] for i in idx),
+                                                          max(shapes[i][1] for i in idx))))
+    return out
+
+
+def padding_waste(shapes: Sequence[tuple[int, int]], batches: Sequence[tuple[list[int], tuple[int, int] | None]],
+                  stride: int) -> float:
+    """Share of the padded pixels of a shard's batches that no image fills (0 = no padding).
+
+    Args:
+        shapes: each image's (height, width).
+        batches: from ``plan_batches``.
+        stride: the backbone's stride (a batch without a fixed size is padded to a multiple of it).
+    """
+    padded = used = 0
+    for idx, size in batches:
+        if size is None:
+            size = (-(-max(shapes[i][0] for i in idx) // stride) * stride,
+                    -(-max(shapes[i][1] for i in idx) // stride) * stride)
+        padded += len(idx) * size[0] * size[1]
+        used += sum(shapes[i][0] * shapes[i][1] for i in idx)
+    return 1.0 - used / padded if padded else 0.0
 
 
 def run_model_on_shard(model: Any, dshard: DecodedShard, batch_size: int, float16: bool = False,
-                       on_images: Callable[[int], Any] | None = None) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+                       on_images: Callable[[int], Any] | None = None,
+                       bucket: Callable[[int, int], tuple[int, int]] | None = None
+                       ) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
     """Run the model over a decoded shard and build its two tables (pure: no I/O).
 
-    Images are batched in order of size so that padding within a batch stays small.
+    Images are batched by ``plan_batches`` so that padding within a batch stays small.
 
     Args:
         model: a RegionModel (or anything with its call signature, ``dims``, ``region_dim``, ``name``, ``config_hash``).
@@ -75,20 +134,23 @@ def run_model_on_shard(model: Any, dshard: DecodedShard, batch_size: int, float1
         float16: store vectors as float16.
         on_images: called with the number of images each batch finished (the failed ones first, at once): the
             run's image-level progress.
+        bucket: the padded-size buckets (see ``plan_batches``); the model is then called with ``padded=``.
 
     Returns:
         (images table, regions table, stats with counts and timings).
     """
     recs, dec = dshard.shard.records, dshard.decoded
     ok_idx = [i for i, d in enumerate(dec) if d.ok]
-    ok_idx.sort(key=lambda i: (dec[i].array.shape[0], dec[i].array.shape[1]))  # type: ignore[union-attr]
+    shapes = [(int(dec[i].array.shape[0]), int(dec[i].array.shape[1])) for i in ok_idx]  # type: ignore[union-attr]
+    batches = plan_batches(shapes, batch_size, bucket)
     if on_images is not None and len(dec) > len(ok_idx):
         on_images(len(dec) - len(ok_idx))  # images that failed to decode are done already
     outputs: dict[int, dict[str, np.ndarray]] = {}
     t0 = time.perf_counter()
-    for b in range(0, len(ok_idx), batch_size):
-        idx = ok_idx[b:b + batch_size]
-        res = model([dec[i].array for i in idx], [(dec[i].width, dec[i].height) for i in idx])
+    for pos, size in batches:
+        idx = [ok_idx[p] for p in pos]
+        args = ([dec[i].array for i in idx], [(dec[i].width, dec[i].height) for i in idx])
+        res = model(*args) if size is None else model(*args, padded=size)
         outputs.update(zip(idx, res))
         if on_images is not None:
             on_images(len(idx))
@@ -129,7 +191,7 @@ def run_model_on_shard(model: Any, dshard: DecodedShard, batch_size: int, float1
     for d in dec:
         statuses[d.status] = statuses.get(d.status, 0) + 1
     stats = {"images": len(recs), "ok": len(ok_idx), "statuses": statuses, "regions": regions_table.num_rows,
-             "read_s": dshard.read_s, "infer_s": infer_s}
+             "read_s": dshard.read_s, "fetch_s": dshard.fetch_s, "decode_s": dshard.decode_s, "infer_s": infer_s, "batches": len(batches)}
     return images_table, regions_table, stats
 
 
@@ -158,6 +220,57 @@ def write_shard(output: str, shard: Shard, images_table: pa.Table, regions_table
                                     stats={**stats, "write_s": write_s}, finished=fstore.now())
 
 
+class GpuSampler:
+    """Samples the GPU's utilisation (NVML, through ``torch.cuda.utilization``) every ``every_s`` seconds in a
+    thread while a shard is inferred; on a CPU model it does nothing.
+
+    Args:
+        device: the model's device.
+        every_s: seconds between samples.
+    """
+
+    def __init__(self, device: Any, every_s: float = 0.2) -> None:
+        self.device = device
+        self.every_s = every_s
+        self.samples: list[float] = []
+        self.error = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> GpuSampler:
+        if getattr(self.device, "type", "cpu") == "cuda":
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        import torch
+
+        while not self._stop.is_set():
+            try:
+                self.samples.append(float(torch.cuda.utilization(self.device)))
+            except Exception as e:  # noqa: BLE001 - no NVML (pynvml missing): say why once, stop sampling
+                self.error = f"{type(e).__name__}: {e}"
+                return
+            self._stop.wait(self.every_s)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def stats(self) -> dict[str, Any]:
+        """The shard's GPU figures for its marker: mean utilisation in percent (None when not sampled) and, on a
+        GPU, why sampling failed if it did."""
+        if self._thread is None:
+            return {}
+        out: dict[str, Any] = {"gpu_util_mean": round(sum(self.samples) / len(self.samples), 1) if self.samples
+                               else None, "gpu_util_samples": len(self.samples)}
+        if self.error:
+            out["gpu_util_error"] = self.error
+        return out
+
+
 class ShardWorker:
     """Builds the model on the worker that runs it and turns decoded shards into written shards.
 
@@ -172,11 +285,14 @@ class ShardWorker:
         threads: torch CPU threads (0 = all cores of this machine; the Ray runner passes its own choice, see
             pipeline.extract.runners.actor_threads).
         storage_options: fsspec options.
+        pad_step: batches padded to buckets of this many pixels (see ``transform.padded_size``); 0: each batch to
+            its own largest image.
     """
 
     def __init__(self, model_config: ModelConfig, output: str, batch_size: int, float16: bool = False,
-                 threads: int = 0, storage_options: dict[str, Any] | None = None) -> None:
+                 threads: int = 0, storage_options: dict[str, Any] | None = None, pad_step: int = 0) -> None:
         from pipeline.model.region_model import RegionModel
+        from pipeline.model.transform import padded_size
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.model = RegionModel(model_config, threads=threads or (os.cpu_count() or 1), storage_options=storage_options)
@@ -184,11 +300,26 @@ class ShardWorker:
         self.batch_size = batch_size
         self.float16 = float16
         self.storage_options = storage_options
+        stride = self.model.backbone.stride
+        self.bucket = functools.partial(padded_size, max_side=model_config.max_side, stride=stride,
+                                        step=pad_step) if pad_step > 0 else None
+
+    def warm(self) -> float:
+        """Run the model once on a small blank batch (lazy kernel set-up, memory pools, the first autotuning), so the
+        first shard does not pay for it; returns the seconds it took."""
+        t0 = time.perf_counter()
+        side = self.model.config.max_side
+        images = [np.zeros((side, side * 3 // 4, 3), np.uint8)] * min(2, self.batch_size)
+        self.model(images, [(side * 3 // 4, side)] * len(images))
+        return time.perf_counter() - t0
 
     def run(self, dshard: DecodedShard, on_images: Callable[[int], Any] | None = None) -> dict[str, Any]:
         """Process one decoded shard end to end; returns its marker (with per-stage timings). ``on_images`` is told
         how many images each batch finished (see ``run_model_on_shard``)."""
-        itab, rtab, stats = run_model_on_shard(self.model, dshard, self.batch_size, self.float16, on_images)
+        with GpuSampler(self.model.device) as gpu:
+            itab, rtab, stats = run_model_on_shard(self.model, dshard, self.batch_size, self.float16, on_images,
+                                                   self.bucket)
+        stats.update(gpu.stats())
         marker = write_shard(self.output, dshard.shard, itab, rtab, stats, self.storage_options)
         s = marker["stats"]
         log.info("shard %s: %d images (%d ok), read %.2fs infer %.2fs write %.2fs", dshard.shard.shard_id,

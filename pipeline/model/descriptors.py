@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["spoc", "mac", "gem", "rmac", "rmac_regions", "crow", "sum_pool_l1", "l2n"]
+__all__ = ["crow", "gem", "l2n", "mac", "rmac", "rmac_regions", "spoc", "sum_pool_l1"]
 
 
 def _check_map(x: Tensor, name: str, batched: bool = False) -> Tensor:
@@ -250,3 +250,77 @@ def sum_pool_l1(region_desc: Tensor, eps: float = 1e-12) -> Tensor:
     r = region_desc if region_desc.is_floating_point() else region_desc.float()
     f = r.sum(dim=0)  # (D,), zeros when K == 0
     return f / f.abs().sum().clamp_min(eps)
+
+
+# ---- the same formulas for a padded batch: (B, C, H, W) with each image's valid cells given by a mask -------------
+
+
+def masked_spoc(x: Tensor, mask: Tensor) -> Tensor:
+    """``spoc`` of each image's valid cells: (B, C, H, W), (B, H, W) -> (B, C)."""
+    m = mask[:, None].to(x.dtype)
+    return (x * m).sum(dim=(-2, -1)) / m.sum(dim=(-2, -1))
+
+
+def masked_mac(x: Tensor, mask: Tensor) -> Tensor:
+    """``mac`` of each image's valid cells: (B, C, H, W), (B, H, W) -> (B, C)."""
+    return x.masked_fill(~mask[:, None], float("-inf")).amax(dim=(-2, -1))
+
+
+def masked_gem(x: Tensor, mask: Tensor, p: float = 3.0, eps: float = 1e-6) -> Tensor:
+    """``gem`` of each image's valid cells: (B, C, H, W), (B, H, W) -> (B, C)."""
+    m = mask[:, None].to(x.dtype)
+    return ((x.clamp(min=eps).pow(p) * m).sum(dim=(-2, -1)) / m.sum(dim=(-2, -1))).pow(1.0 / p)
+
+
+def masked_crow(x: Tensor, mask: Tensor, a: float = 2.0, b: float = 2.0) -> Tensor:
+    """``crow`` of each image's valid cells: (B, C, H, W), (B, H, W) -> (B, C); zeros for an all-zero image."""
+    m = mask.to(x.dtype)
+    s = x.sum(dim=1) * m  # (B, H, W)
+    z = s.pow(a).sum(dim=(-2, -1)).pow(1.0 / a)
+    fired_img = z > 0
+    s = s / torch.where(fired_img, z, torch.ones_like(z)).view(-1, 1, 1)
+    if b != 1:
+        s = s.pow(1.0 / b)
+    q = ((x != 0) & mask[:, None]).to(x.dtype).sum(dim=(-2, -1)) / m.sum(dim=(-2, -1))[:, None]
+    fired = q > 0
+    omega = torch.where(fired, torch.log(q.sum(dim=1, keepdim=True) / q.clamp_min(torch.finfo(x.dtype).tiny)),
+                        torch.zeros_like(q))
+    out = omega * (x * s[:, None]).sum(dim=(-2, -1))
+    return out * fired_img[:, None]
+
+
+_RMAC_CACHE: dict[tuple[int, int, int, float], list[tuple[int, int, int, int]]] = {}
+
+
+def batched_rmac(x: Tensor, cells: Tensor, levels: int = 3, overlap: float = 0.4, eps: float = 1e-6) -> Tensor:
+    """``rmac`` of each image's valid cells: every image's regions max-pooled in one ``roi_pool`` call.
+
+    The region grids depend on each image's valid size only (host arithmetic, cached by size); ``roi_pool`` with one
+    output bin and integer cell boxes is the maximum over exactly the box's cells.
+
+    Args:
+        x: (B, C, H, W) padded batch feature map.
+        cells: (B, 2) each image's valid (height, width) in cells.
+        levels, overlap, eps: as ``rmac``.
+
+    Returns:
+        (B, C) unnormalised descriptors.
+    """
+    from torchvision.ops import roi_pool
+
+    rows = []
+    for i, (h, w) in enumerate(cells.tolist()):
+        key = (h, w, levels, overlap)
+        if key not in _RMAC_CACHE:
+            _RMAC_CACHE[key] = [(0, 0, h, w), *rmac_regions(h, w, levels, overlap)]
+        rows.extend((i, x0, y0, x0 + rw - 1, y0 + rh - 1) for y0, x0, rh, rw in _RMAC_CACHE[key])
+    rois = torch.tensor(rows, dtype=x.dtype, device=x.device)
+    v = roi_pool(x, rois, output_size=1, spatial_scale=1.0).flatten(1)  # (R, C)
+    v = v / (v.norm(p=2, dim=1, keepdim=True) + eps)
+    return torch.zeros(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, rois[:, 0].long(), v)
+
+
+def masked_sum_pool_l1(regions: Tensor, valid: Tensor, eps: float = 1e-12) -> Tensor:
+    """``sum_pool_l1`` of each image's valid regions: (B, K, D), (B, K) bool -> (B, D)."""
+    f = (regions * valid[..., None].to(regions.dtype)).sum(dim=1)
+    return f / f.abs().sum(dim=1, keepdim=True).clamp_min(eps)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
@@ -81,3 +82,38 @@ class RegionDescriber(nn.Module):
             if self.projection is not None:
                 desc = torch.relu(self.projection(desc))
         return list(desc.split(counts))
+
+    def describe_levels(self, fmaps: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Region descriptors of a padded batch at every pyramid level, with one RoIAlign call for all of them.
+
+        The levels' feature maps are padded to one size by repeating their last row and column (RoIAlign clamps a
+        sample at a map's edge to the edge cell, so replicated cells give exactly the per-level result) and stacked
+        along the batch; each box samples its own level's image.
+
+        Args:
+            fmaps: per level, (B, C, h_l, w_l) feature map.
+            boxes: per level, (B, K_l, 4) [x1, y1, x2, y2] in that level's pixels (padding rows are described too;
+                callers drop them).
+
+        Returns:
+            Per level, (B, K_l, D) descriptors.
+        """
+        b = fmaps[0].shape[0]
+        H = max(f.shape[-2] for f in fmaps)
+        W = max(f.shape[-1] for f in fmaps)
+        stacked = torch.cat([F.pad(f, (0, W - f.shape[-1], 0, H - f.shape[-2]), mode="replicate")
+                             if f.shape[-2:] != (H, W) else f for f in fmaps])
+        rois = []
+        for level, bx in enumerate(boxes):
+            k = bx.shape[1]
+            idx = (torch.arange(b, device=bx.device, dtype=stacked.dtype) + level * b).repeat_interleave(k)
+            rois.append(torch.cat([idx[:, None], bx.reshape(-1, 4).to(stacked.dtype)], dim=1))
+        x = roi_align(stacked, torch.cat(rois), output_size=self.roi_size, spatial_scale=1.0 / self.stride,
+                      sampling_ratio=2, aligned=True)
+        if self.head is not None:
+            desc = self.head(x.flatten(1))
+        else:
+            desc = pool_roi(x, self.pool)
+            if self.projection is not None:
+                desc = torch.relu(self.projection(desc))
+        return [d.view(b, bx.shape[1], -1) for d, bx in zip(desc.split([b * bx.shape[1] for bx in boxes]), boxes)]

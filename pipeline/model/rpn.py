@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder
+from torchvision.models.detection._utils import (
+    BalancedPositiveNegativeSampler,
+    BoxCoder,
+)
 from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -25,8 +25,8 @@ def _padded(size: int, stride: int) -> int:
     return math.ceil(size / stride) * stride
 
 
-def batch_images(images: Sequence[np.ndarray], bb: Backbone, device: torch.device
-                 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def batch_images(images: Sequence[np.ndarray], bb: Backbone, device: torch.device,
+                 size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Pad decoded images to a common size (a multiple of the backbone's stride) and normalise them, so that a batch
     of any sizes runs in one forward pass; the padding is 0 after normalisation (the dataset mean).
 
@@ -34,21 +34,48 @@ def batch_images(images: Sequence[np.ndarray], bb: Backbone, device: torch.devic
         images: RGB uint8 arrays (h_i, w_i, 3).
         bb: the backbone (stride, mean, std).
         device: where the batch goes.
+        size: the padded (height, width) to use (a bucket's, see ``padded_size``); None: the smallest that holds
+            the batch.
 
     Returns:
         ((B, 3, H, W) float batch, each image's (height, width) inside it).
     """
-    H = _padded(max(im.shape[0] for im in images), bb.stride)
-    W = _padded(max(im.shape[1] for im in images), bb.stride)
-    # Assemble in numpy: decoded arrays may be read-only views of Ray's object store.
-    batch = np.zeros((len(images), H, W, 3), dtype=np.uint8)
+    hw = [(int(im.shape[0]), int(im.shape[1])) for im in images]
+    H = _padded(max(h for h, _ in hw), bb.stride)
+    W = _padded(max(w for _, w in hw), bb.stride)
+    if size is not None:
+        if size[0] < H or size[1] < W or size[0] % bb.stride or size[1] % bb.stride:
+            raise ValueError(f"padded size {size} does not hold the batch ({H}, {W}) or is not a multiple of "
+                             f"{bb.stride}")
+        H, W = size
+    # Assemble in numpy: decoded arrays may be read-only views of Ray's object store. Pinned memory lets the copy to
+    # a GPU run asynchronously.
+    pin = device.type == "cuda"
+    batch = torch.zeros((len(images), H, W, 3), dtype=torch.uint8, pin_memory=pin)
+    arr = batch.numpy()
     for i, im in enumerate(images):
-        batch[i, : im.shape[0], : im.shape[1]] = im
-    x = normalise(torch.from_numpy(batch).to(device, non_blocking=True), bb)
-    mask = torch.zeros((len(images), 1, H, W), device=x.device)
-    for i, im in enumerate(images):
-        mask[i, :, : im.shape[0], : im.shape[1]] = 1
-    return x * mask, [(int(im.shape[0]), int(im.shape[1])) for im in images]
+        arr[i, : im.shape[0], : im.shape[1]] = im
+    x = normalise(batch.to(device, non_blocking=pin), bb)
+    return x * valid_mask(torch.tensor(hw, device=x.device), H, W)[:, None], hw
+
+
+def padded_size(h: int, w: int, max_side: int, stride: int, step: int = 64) -> tuple[int, int]:
+    """The bucket of an h x w image: its size padded up to the next multiple of ``step`` pixels (and of the
+    stride), capped at max_side rounded up to the stride. Batches of one bucket share one padded shape, so a GPU's
+    kernel autotuning (cuDNN benchmark mode) meets few distinct shapes.
+
+    Args:
+        h, w: the image's size in pixels (after the max_side resize).
+        max_side: the model's max_side.
+        stride: the backbone's stride.
+        step: bucket granularity in pixels (rounded up to a multiple of the stride).
+
+    Returns:
+        (height, width) of the bucket's padded batch.
+    """
+    q = _padded(max(step, stride), stride)
+    cap = _padded(max_side, stride)
+    return min(_padded(h, q), max(cap, _padded(h, stride))), min(_padded(w, q), max(cap, _padded(w, stride)))
 
 
 def rescale_batch(x: torch.Tensor, hw: Sequence[tuple[int, int]], scale: float,
@@ -69,10 +96,28 @@ def rescale_batch(x: torch.Tensor, hw: Sequence[tuple[int, int]], scale: float,
     H = _padded(max(h for h, _ in new_hw), stride)
     W = _padded(max(w for _, w in new_hw), stride)
     out = x.new_zeros((x.shape[0], 3, H, W))
-    for i, ((h, w), (nh, nw)) in enumerate(zip(hw, new_hw)):
-        out[i, :, :nh, :nw] = F.interpolate(x[i : i + 1, :, :h, :w], size=(nh, nw), mode="bilinear",
-                                            align_corners=False, antialias=scale < 1)[0]
+    # One resize per distinct image size in the batch (bucketed batches hold few), not one per image.
+    groups: dict[tuple[tuple[int, int], tuple[int, int]], list[int]] = {}
+    for i, key in enumerate(zip(hw, new_hw)):
+        groups.setdefault(key, []).append(i)
+    for ((h, w), (nh, nw)), idx in groups.items():
+        sel = torch.tensor(idx, device=x.device) if len(idx) < x.shape[0] else slice(None)
+        out[sel, :, :nh, :nw] = F.interpolate(x[sel, :, :h, :w], size=(nh, nw), mode="bilinear",
+                                              align_corners=False, antialias=scale < 1)
     return out, new_hw
+
+
+def valid_mask(sizes: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """(B, H, W) bool mask of each image's valid part, the top-left ``sizes[i]`` = (h_i, w_i) of a padded (H, W)."""
+    dev = sizes.device
+    return (torch.arange(H, device=dev).view(1, H, 1) < sizes[:, 0].view(-1, 1, 1)) & \
+        (torch.arange(W, device=dev).view(1, 1, W) < sizes[:, 1].view(-1, 1, 1))
+
+
+def cell_sizes(hw: Sequence[tuple[int, int]], stride: int, device: torch.device) -> torch.Tensor:
+    """(B, 2) int64 each image's valid (height, width) in feature cells (as ``valid_cells`` cuts them)."""
+    return torch.tensor([(max(1, math.ceil(h / stride)), max(1, math.ceil(w / stride))) for h, w in hw],
+                        dtype=torch.long, device=device)
 
 
 def valid_cells(fm: torch.Tensor, h: int, w: int, stride: int) -> torch.Tensor:
