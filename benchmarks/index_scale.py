@@ -1,8 +1,8 @@
 """Indexing at scale: region-store codecs and index recall on real features, then build + search on synthetic corpora.
 
 Subcommands:
-  codecs   the benchmark's re-rank rows (crow+rerank, crow+rerank+qe) with the region store as extracted and after each
-           codec's encode/decode (same protocol code as jobs/benchmark.py);
+  codecs   the benchmark's re-rank rows (crow+rerank(+qe), crow+regions(+qe)) with the region store as extracted and
+           after each codec's encode/decode (same protocol code as jobs/benchmark.py);
   recall   recall@10 against exact search of the factories the size rule picks (and would pick at larger n), on real
            features (fused and CroW after PCA 512), at the saved nprobe;
   gen      a synthetic extraction output in the exact layout (schema.py tables, done-markers, config.json);
@@ -46,7 +46,7 @@ def codecs(a: argparse.Namespace) -> None:
     from pipeline.store import region_store as rs
 
     cfg = BenchmarkConfig(dataset=a.dataset, protocol=a.protocol, queries=a.queries, features=a.features,
-                          report="/tmp/unused", methods="crow+rerank,crow+rerank+qe", max_side=a.max_side)
+                          report="/tmp/unused", methods=a.methods, max_side=a.max_side)
     protocol = PROTOCOLS[cfg.protocol](cfg)
     paths, labels = protocol.ground_truth()
     c = load_corpus(a.features, a.dataset, paths, labels, {}, regions=cfg.regions)
@@ -56,7 +56,7 @@ def codecs(a: argparse.Namespace) -> None:
     for codec in ["as extracted", *rs.CODECS]:
         c.region_desc = base if codec == "as extracted" else rs.decode(rs.encode(base, codec))
         rankers = method_rankers(c, cfg, qrows, protocol.depth(len(c.paths)))
-        for m in ("crow+rerank", "crow+rerank+qe"):
+        for m in [m.strip() for m in a.methods.split(",") if m.strip()]:
             rows.append((codec, m, protocol.score(rankers[m]())["score"]))
             print(f"{codec:>13} {m:>15} {rows[-1][2]:.4f}  bytes/region {_bytes(codec, base.shape[1])}", flush=True)
 
@@ -210,6 +210,8 @@ def main() -> None:
     c.add_argument("--queries", default="")
     c.add_argument("--features", required=True)
     c.add_argument("--max-side", type=int, default=320)
+    c.add_argument("--methods", default="crow+rerank,crow+rerank+qe,crow+regions,crow+regions+qe",
+                   help="re-rank rows to score with each codec")
     r = sub.add_parser("recall")
     r.add_argument("--features", required=True)
     r.add_argument("--pca-dim", type=int, default=512)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -438,19 +437,24 @@ def test_rank_by_similarity_nan_last_and_errors():
         rank_by_similarity(np.ones((1, 2)), db, k=0)
 
 
-def test_speed_q500_n10k():
+def test_corpus_sized_inputs_match_a_per_query_reference():
+    """500 queries over 10k items (the size of a Caltech run): the vectorised P@k and mAP equal a plain per-query
+    loop over every query. (Speed belongs to benchmarks, not to a timed unit test on a shared machine.)"""
     rng = np.random.default_rng(5)
     q, n = 500, 10_000
     labels = rng.integers(0, 100, size=n)
     qdi = rng.choice(n, size=q, replace=False)
     # Rolled aranges: a valid full ranking per query, cheap to build (argsort of 5M random values is not).
     ranks = (np.arange(n)[None, :] + rng.integers(0, n, size=(q, 1))) % n
-    t0 = time.perf_counter()
-    for k in (1, 4, 10):
-        precision_at_k(ranks, labels, labels[qdi], k=k, query_db_index=qdi)
-    t_pk = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    labels_eval(ranks, labels, qdi)
-    t_all = time.perf_counter() - t0
-    assert t_pk < 0.5, f"P@k took {t_pk:.3f}s"
-    assert t_all < 1.0, f"labels_eval took {t_all:.3f}s"
+    got = {k: precision_at_k(ranks, labels, labels[qdi], k=k, query_db_index=qdi) for k in (1, 4, 10)}
+    total = labels_eval(ranks, labels, qdi)
+    aps = []
+    for i in range(q):
+        order = [r for r in ranks[i] if r != qdi[i]]
+        rel = labels[order] == labels[qdi[i]]
+        for k in (1, 4, 10):
+            assert got[k][i] == pytest.approx(rel[:k].mean())
+        hits = np.flatnonzero(rel)
+        aps.append(np.mean((np.arange(len(hits)) + 1) / (hits + 1)) if len(hits) else np.nan)
+    assert total["mAP"] == pytest.approx(np.nanmean(aps))
+    assert total["P@10"] == pytest.approx(got[10].mean())

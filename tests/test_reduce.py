@@ -211,7 +211,7 @@ def test_killed_task_then_rerun_gives_the_same_index(tiny_features, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_ray_build_equals_in_process_build(tiny_features, tmp_path):
+def test_ray_build_equals_in_process_build(tiny_features, tmp_path, ray_local):
     """Tasks on Ray (2 local CPUs) publish byte-identical files to the in-process build, exact and compressed (the
     training runs in the driver, each task only adds its rows), and the compressed index keeps its recall."""
     import ray
@@ -220,15 +220,12 @@ def test_ray_build_equals_in_process_build(tiny_features, tmp_path):
 
     kinds = {"flat": {}, "ivf": {"factory": "IVF2,SQ8", "nprobe": 2}}
     local = {k: _build(tiny_features["features"], str(tmp_path / f"local-{k}"), **kw) for k, kw in kinds.items()}
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        dist = {}
-        for k, kw in kinds.items():
-            cfg = IndexConfig(features=tiny_features["features"], output=str(tmp_path / f"ray-{k}"), pca_dim=16,
-                              workers=2, **kw)
-            dist[k] = rd.build(cfg, RayTaskRunner(cfg.workers))
-    finally:
-        ray.shutdown()
+    assert ray.is_initialized()  # the session's local Ray (ray_local): 2 CPUs
+    dist = {}
+    for k, kw in kinds.items():
+        cfg = IndexConfig(features=tiny_features["features"], output=str(tmp_path / f"ray-{k}"), pca_dim=16,
+                          workers=2, **kw)
+        dist[k] = rd.build(cfg, RayTaskRunner(cfg.workers))
     from pipeline.retrieval.search import Searcher
 
     # An IVF .faiss names the merge's temporary ivfdata path inside it: compared by its search results instead.
