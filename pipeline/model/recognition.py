@@ -68,6 +68,13 @@ class RegionDescriber(nn.Module):
         return roi_align(fmap, [b.to(fmap.dtype) for b in boxes], output_size=self.roi_size,
                          spatial_scale=1.0 / self.stride, sampling_ratio=2, aligned=True)
 
+    def _describe(self, x: torch.Tensor) -> torch.Tensor:
+        """Sampled RoI features (R, C, s, s) -> (R, D) descriptors: the recognition head, or pooling (+ projection)."""
+        if self.head is not None:
+            return self.head(x.flatten(1))
+        desc = pool_roi(x, self.pool)
+        return torch.relu(self.projection(desc)) if self.projection is not None else desc
+
     def forward(self, fmap: torch.Tensor, boxes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Region descriptors per image: a list of (k_i, D) tensors (non-negative)."""
         counts = [int(b.shape[0]) for b in boxes]
@@ -75,12 +82,7 @@ class RegionDescriber(nn.Module):
             d = self.dim if self.dim > 0 else fmap.shape[1]
             return [fmap.new_zeros((0, d)) for _ in boxes]
         x = self.roi_features(fmap, boxes)
-        if self.head is not None:
-            desc = self.head(x.flatten(1))
-        else:
-            desc = pool_roi(x, self.pool)
-            if self.projection is not None:
-                desc = torch.relu(self.projection(desc))
+        desc = self._describe(x)
         return list(desc.split(counts))
 
     def describe_levels(self, fmaps: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -110,10 +112,5 @@ class RegionDescriber(nn.Module):
             rois.append(torch.cat([idx[:, None], bx.reshape(-1, 4).to(stacked.dtype)], dim=1))
         x = roi_align(stacked, torch.cat(rois), output_size=self.roi_size, spatial_scale=1.0 / self.stride,
                       sampling_ratio=2, aligned=True)
-        if self.head is not None:
-            desc = self.head(x.flatten(1))
-        else:
-            desc = pool_roi(x, self.pool)
-            if self.projection is not None:
-                desc = torch.relu(self.projection(desc))
+        desc = self._describe(x)
         return [d.view(b, bx.shape[1], -1) for d, bx in zip(desc.split([b * bx.shape[1] for bx in boxes]), boxes)]
