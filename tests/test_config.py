@@ -13,7 +13,9 @@ import pytest
 
 from pipeline.cli import build_parser, parse_args
 from pipeline.config import (
+    FUSE_GLOBALS,
     SECRET_FIELDS,
+    BenchmarkConfig,
     ConfigError,
     ExtractConfig,
     IndexConfig,
@@ -127,6 +129,24 @@ def test_model_config_of_an_extract_config():
     assert type(mc) is ModelConfig
     assert dataclasses.asdict(mc) == {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)}
     assert config_hash(mc) == config_hash(ModelConfig(max_side=64, regions=3)) == mc.model_hash()
+
+
+def test_fuse_global_is_one_option_with_the_same_default_and_choices_everywhere():
+    """The fused vector's global part: the index build's option, the re-index's and the benchmark's, one set of
+    choices and one default (global+rmac, what generalised: BENCHMARKS.md, issue 16); anything else is refused, also
+    by a config built directly."""
+    reindex = {"root": "/r", "input": "/in"}
+    for cls, base in ((IndexConfig, {"features": "f", "output": "o"}), (ReindexConfig, reindex),
+                      (BenchmarkConfig, {"report": "r"})):
+        field = cls.__dataclass_fields__["fuse_global"]  # type: ignore[attr-defined]
+        assert field.default == "global+rmac" and tuple(field.metadata["choices"]) == FUSE_GLOBALS, cls
+        for kind in FUSE_GLOBALS:
+            assert from_dict(cls, {**base, "fuse_global": kind}).fuse_global == kind
+        with pytest.raises(ConfigError, match="fuse_global: 'gem' is not one of"):
+            from_dict(cls, {**base, "fuse_global": "gem"})
+        with pytest.raises(ConfigError, match="fuse_global"):
+            cls(**base, fuse_global="global+gem").validate()
+    assert from_dict(ReindexConfig, {**reindex, "fuse_global": "rmac"}).index_config("/v").fuse_global == "rmac"
 
 
 # ---- CLI flags -----------------------------------------------------------------------------------------------------

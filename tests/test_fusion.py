@@ -116,3 +116,32 @@ def test_fuse_concatenates_normalised_parts():
     np.testing.assert_allclose(out[:, 6:], 0.5 * loc / np.linalg.norm(loc, axis=1, keepdims=True), rtol=1e-5)
     with pytest.raises(ValueError):
         fuse(g, loc[:3])
+
+
+def test_fuse_global_parts_and_fused_vectors_against_numpy():
+    """The one definition of the fused vector (index build, search, benchmark): each ``--fuse-global`` against the
+    formula written out in numpy."""
+    from pipeline.reduce.pca import fuse_columns, fuse_global_part, fuse_vectors
+
+    rng = np.random.default_rng(1)
+    v = {"global": rng.standard_normal((5, 4)) * 7, "rmac": rng.standard_normal((5, 3)) * 0.1,
+         "local": rng.standard_normal((5, 2))}
+
+    def n(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    both = np.concatenate([n(v["global"]), n(v["rmac"])], axis=1)  # each part at unit norm: R-MAC's scale is ignored
+    for kind, part in (("global", v["global"]), ("rmac", v["rmac"]), ("global+rmac", both)):
+        np.testing.assert_allclose(fuse_global_part(v, kind), part, rtol=1e-5)
+        np.testing.assert_allclose(fuse_vectors(v, kind, 0.5),
+                                   np.concatenate([n(part), 0.5 * n(v["local"])], axis=1), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fuse_global_part({"global": np.array([[3.0, 4.0]]), "rmac": np.array([[0.0, 2.0]])},
+                                                "global+rmac"), [[0.6, 0.8, 0.0, 1.0]])
+    assert fuse_columns("global") == ("global", "local")
+    assert fuse_columns("rmac") == ("rmac", "local")
+    assert fuse_columns("global+rmac") == ("global", "rmac", "local")
+    # Only the columns it names are read.
+    fuse_vectors({k: v[k] for k in fuse_columns("rmac")}, "rmac")
+    for bad in (lambda: fuse_global_part(v, "gem"), lambda: fuse_columns("gem"), lambda: fuse_vectors(v, "gem")):
+        with pytest.raises(ValueError, match="unknown fuse_global"):
+            bad()

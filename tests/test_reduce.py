@@ -10,7 +10,7 @@ from pipeline.config import IndexConfig
 from pipeline.io import storage
 from pipeline.reduce import build as rd
 from pipeline.reduce.faiss_index import load_index
-from pipeline.reduce.pca import PCA, fuse, l2n
+from pipeline.reduce.pca import PCA, l2n
 from pipeline.schema import column_to_numpy
 from pipeline.store import feature_store as fstore
 from pipeline.store import index_store as layout
@@ -27,18 +27,34 @@ def _ids(out: str, so: dict | None = None) -> list[str]:
         storage.join(out, layout.IDS_DIR, f"{p['name']}.parquet"), so).column("image_id").to_pylist()]
 
 
-def test_index_matches_numpy_reference(tiny_features, tmp_path):
+def _numpy_fused(t, fuse_global: str, w: float = 1.0) -> np.ndarray:
+    """The fused vector before PCA written out in numpy: [L2(global part), w * L2(local)], the global part being
+    global, rmac, or [L2(global), L2(rmac)]."""
+    def n(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    v = {k: column_to_numpy(t, k).astype(np.float64) for k in ("global", "rmac", "local")}
+    part = np.concatenate([n(v["global"]), n(v["rmac"])], axis=1) if fuse_global == "global+rmac" else v[fuse_global]
+    return np.concatenate([n(part), w * n(v["local"])], axis=1)
+
+
+@pytest.mark.parametrize("fuse_global", [None, "global", "rmac"])  # None: the default, global+rmac
+def test_index_matches_numpy_reference(tiny_features, tmp_path, fuse_global):
     out = str(tmp_path / "index")
-    marker = _build(tiny_features["features"], out)
+    marker = _build(tiny_features["features"], out, **({"fuse_global": fuse_global} if fuse_global else {}))
+    fuse_global = fuse_global or "global+rmac"
+    assert marker["config"]["fuse_global"] == fuse_global  # recorded: search fuses its queries the same way
     t = fstore.read_live_table(tiny_features["features"], "images")
     t = t.filter(pc.equal(t.column("status"), "ok"))
     assert marker["images"] == t.num_rows == 24
     ids = _ids(out)
     assert ids == sorted(ids) == t.column("image_id").to_pylist()
     assert marker["recall"]["fused"] == {"at": 10, "value": 1.0, "queries": 24}  # exact index
-    # The fused index holds PCA(concat(L2 global, L2 local)) + L2 of every image, in id-map order.
+    # The fused index holds PCA(fused) + L2 of every image, in id-map order, PCA fitted on every image (the sample).
+    raw = _numpy_fused(t, fuse_global)
     pca = PCA.load(storage.join(out, layout.PCA_FUSED))
-    ref = pca.transform(fuse(column_to_numpy(t, "global"), column_to_numpy(t, "local"), 1.0))
+    np.testing.assert_allclose(pca.mean, raw.mean(axis=0), atol=1e-5)
+    ref = pca.transform(raw)
     index = load_index(storage.join(out, layout.INDEX_FUSED))
     got = np.stack([index.reconstruct(i) for i in range(index.ntotal)])
     np.testing.assert_allclose(got, ref, atol=1e-5)

@@ -121,14 +121,9 @@ def test_ivf_index_on_s3_round_trip(tiny_features, tmp_path, s3_server, s3_bucke
     rd.build(IndexConfig(output=local, **kw))
     remote, near = Searcher(f"s3://{s3_bucket}/ivf", so, cache_dir=str(tmp_path / "cache")), Searcher(local)
     rng = np.random.default_rng(0)
-    outs = [{k: rng.standard_normal(d).astype(np.float32) for k, d in
-             (("global", 1280), ("local", 1280), ("crow", 1280), ("gem", 1280))} for _ in range(2)]
-    dims = {k: len(v) for k, v in outs[0].items()}
-    if near.pca["fused"].mean.shape[0] != dims["global"] + dims["local"]:  # the tiny model's dims
-        g = near.pca["fused"].mean.shape[0] // 2
-        c = near.pca["crow"].mean.shape[0]
-        outs = [{"global": o["global"][:g], "local": o["local"][:g], "crow": o["crow"][:c], "gem": o["gem"][:c]}
-                for o in outs]
+    c = near.pca["crow"].mean.shape[0]  # the model's channels: every vector of the tiny model has that size
+    outs = [{k: rng.standard_normal(c).astype(np.float32) for k in ("global", "rmac", "local", "crow", "gem")}
+            for _ in range(2)]
     a = remote.search_vectors(outs, top_k=5, rerank=5, mode="gem")
     b = near.search_vectors(outs, top_k=5, rerank=5, mode="gem")
     np.testing.assert_array_equal(a[0], b[0])
@@ -272,3 +267,91 @@ def test_search_config_refuses_bad_combinations(kw, msg):
 
     with pytest.raises(ConfigError, match=msg):
         from_dict(SearchConfig, {"index": "idx", **kw})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The fused vector's global part (--fuse-global): recorded by the build, followed by the queries
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _stored_outs(features: str):
+    """The extraction's image rows as model outputs (one dict per image, sorted by image_id): what describing those
+    images again would give, without running the model."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from pipeline.schema import VECTOR_COLUMNS, column_to_numpy
+    from pipeline.store import feature_store as fstore
+
+    t = fstore.read_live_table(features, "images", None, ["status", *VECTOR_COLUMNS])
+    t = t.filter(pc.equal(t.column("status"), "ok")).sort_by("image_id")
+    v = {k: column_to_numpy(t, k) for k in VECTOR_COLUMNS}
+    rows = range(t.num_rows)
+    all_ids = t.column("image_id").to_pylist()
+    outs = [{k: np.asarray(v[k][i], np.float32) for k in VECTOR_COLUMNS} for i in rows]
+    return all_ids, v, outs
+
+
+def _numpy_ranking(v, fuse_global: str, k: int):
+    """Exact reference: the fused vectors written out in numpy, PCA fitted on every image (as a build whose sample
+    holds the whole corpus), L2, then every image against every image by inner product."""
+    import numpy as np
+
+    from pipeline.reduce.pca import PCA
+
+    def n(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    part = np.concatenate([n(v["global"]), n(v["rmac"])], axis=1) if fuse_global == "global+rmac" else v[fuse_global]
+    x = PCA.fit(np.concatenate([n(part), n(v["local"])], axis=1).astype(np.float32), 16).transform(
+        np.concatenate([n(part), n(v["local"])], axis=1).astype(np.float32))
+    sims = x @ x.T
+    return np.argsort(-sims, axis=1, kind="stable")[:, :k], np.sort(sims, axis=1)[:, ::-1][:, :k]
+
+
+def test_default_index_fuses_global_and_rmac_and_search_equals_exact_numpy(tiny_features, tiny_index):
+    """The default build fuses global + R-MAC; search fuses its queries the same way (read from the marker), so the
+    hits of every corpus image are the exact numpy ranking's."""
+    import numpy as np
+
+    s = Searcher(tiny_index)
+    assert s.meta["config"]["fuse_global"] == s.fuse_global == "global+rmac"
+    ids, v, outs = _stored_outs(tiny_features["features"])
+    got, scores = s.search_vectors(outs, top_k=5)
+    ref, ref_scores = _numpy_ranking(v, "global+rmac", 5)
+    np.testing.assert_array_equal(got, ref)  # index rows follow image_id order
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-4)
+    assert [i for i, _ in s.resolve(got[:, 0])] == ids
+    # The model's own outputs carry R-MAC: a described query finds its image first.
+    img = str(Path(tiny_features["images"]) / "Leopards" / "image_0001.jpg")
+    d = s.describe([img])
+    assert "rmac" in d[0]
+    assert s.resolve(s.search_vectors(d, top_k=1)[0][0])[0][0] == "Leopards/image_0001.jpg"
+
+
+def test_index_without_fuse_global_in_its_marker_searches_as_the_global_one(tiny_features, tmp_path):
+    """An index built before the option existed (no fuse_global in its marker's config) fused the paper's global
+    feature: its queries are fused the same way; an unknown value in a marker is refused."""
+    import numpy as np
+
+    from pipeline.io import storage
+    from pipeline.store import index_store as layout
+
+    out = str(tmp_path / "old")
+    rd.build(IndexConfig(features=tiny_features["features"], output=out, pca_dim=16, in_process=True,
+                         fuse_global="global"))
+    done = storage.join(out, layout.DONE)
+    marker = storage.read_json(done)
+    del marker["config"]["fuse_global"]  # as written before the option existed
+    storage.write_json(done, marker)
+    s = Searcher(out)
+    assert s.fuse_global == "global"
+    _, v, outs = _stored_outs(tiny_features["features"])
+    got, scores = s.search_vectors(outs, top_k=5)
+    ref, ref_scores = _numpy_ranking(v, "global", 5)
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-4)
+    marker["config"]["fuse_global"] = "gem"
+    storage.write_json(done, marker)
+    with pytest.raises(storage.StorageError, match="unknown fuse_global 'gem'"):
+        Searcher(out)

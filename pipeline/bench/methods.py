@@ -11,7 +11,7 @@ from pipeline.bench.corpus import Corpus, Queries, corpus_queries
 from pipeline.bench.diffusion import dba, diffusion_ranking
 from pipeline.bench.metrics import rank_by_similarity
 from pipeline.config import BenchmarkConfig
-from pipeline.reduce.pca import PCA, fuse, l2n
+from pipeline.reduce.pca import PCA, fuse_vectors, l2n
 from pipeline.retrieval.rerank import average_query_expansion, rerank_regions_top, rerank_top
 from pipeline.schema import GLOBAL_KINDS
 
@@ -44,32 +44,12 @@ def select_methods(methods: str) -> list[str]:
 
 def method_vectors(c: Corpus, cfg: BenchmarkConfig) -> dict[str, np.ndarray]:
     """L2-normalised database vectors of each descriptor method and of ``ours`` (paper 2.4: PCA + L2 of the fused
-    global + local vector; PCA is fitted on the database itself, unsupervised)."""
+    global + local vector, fused as the index build fuses it, ``pca.fuse_vectors`` with ``--fuse-global``; PCA is
+    fitted on the database itself, unsupervised)."""
     out = {m: l2n(c.vectors[m]) for m in DESCRIPTOR_METHODS}
-    fused = fuse(fuse_global_part(c, cfg.fuse_global), c.vectors["local"], cfg.local_weight)
+    fused = fuse_vectors(c.vectors, cfg.fuse_global, cfg.local_weight)
     out["ours"] = PCA.fit(fused, cfg.pca_dim).transform(fused)
     return out
-
-
-def fuse_global_part(c: Corpus | Queries, kind: str) -> np.ndarray:
-    """The global part of ``ours`` before fusion: the paper's global CNN feature (``global``), R-MAC instead
-    (``rmac``), or both L2-normalised side by side (``global+rmac``).
-
-    Args:
-        c: the corpus, or described queries (anything with the descriptor ``vectors``).
-        kind: one of ``FUSE_GLOBALS``.
-
-    Returns:
-        ``(N, d)`` vectors (fuse L2-normalises them as a whole).
-    """
-    if kind == "global+rmac":
-        return np.concatenate([l2n(c.vectors["global"]), l2n(c.vectors["rmac"])], axis=1)
-    if kind in ("global", "rmac"):
-        return c.vectors[kind]
-    raise ValueError(f"unknown fuse_global {kind!r}; known: {FUSE_GLOBALS}")
-
-
-FUSE_GLOBALS = ("global", "rmac", "global+rmac")
 
 
 def rerank_ranking(c: Corpus, vec: dict[str, np.ndarray], q: Queries, qcrow: np.ndarray, depth: int, n: int,
@@ -154,9 +134,8 @@ def query_method_vectors(c: Corpus, cfg: BenchmarkConfig, q: Queries) -> dict[st
     """The queries' vectors of each descriptor method and of ``ours`` (projected by the PCA fitted on the database,
     as ``method_vectors`` does for the database)."""
     out = {m: l2n(q.vectors[m]) for m in DESCRIPTOR_METHODS}
-    fused = fuse(fuse_global_part(c, cfg.fuse_global), c.vectors["local"], cfg.local_weight)
-    out["ours"] = PCA.fit(fused, cfg.pca_dim).transform(fuse(fuse_global_part(q, cfg.fuse_global), q.vectors["local"],
-                                                             cfg.local_weight))
+    fused = fuse_vectors(c.vectors, cfg.fuse_global, cfg.local_weight)
+    out["ours"] = PCA.fit(fused, cfg.pca_dim).transform(fuse_vectors(q.vectors, cfg.fuse_global, cfg.local_weight))
     return out
 
 

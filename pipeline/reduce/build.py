@@ -31,7 +31,7 @@ from pipeline.store import index_store as layout
 log = logging.getLogger(__name__)
 
 
-IMAGE_COLUMNS = ["image_id", "uri", "status", "global", "local", "crow", "gem"]
+IMAGE_COLUMNS = ["image_id", "uri", "status", "global", "rmac", "local", "crow", "gem"]
 
 
 fused_vectors = tk.fused_vectors
@@ -70,7 +70,7 @@ def regions_in_order(r: pa.Table, image_ids: list[str]) -> tuple[np.ndarray, np.
     return counts, desc
 
 
-def _reservoir(features: str, so: dict[str, Any], size: int, local_weight: float, seed: int = 0
+def _reservoir(features: str, so: dict[str, Any], size: int, local_weight: float, fuse_global: str, seed: int = 0
                ) -> tuple[np.ndarray, np.ndarray, int]:
     """A uniform sample of at most ``size`` fused and CroW vectors, streaming (Vitter's algorithm R per row)."""
     rng = np.random.default_rng(seed)
@@ -78,7 +78,7 @@ def _reservoir(features: str, so: dict[str, Any], size: int, local_weight: float
     crow_s: np.ndarray | None = None
     seen = 0
     for t, _ in _ok_shards(features, so, regions=False):
-        f = fused_vectors(t, local_weight)
+        f = fused_vectors(t, local_weight, fuse_global)
         c = l2n(column_to_numpy(t, "crow"))
         if fused_s is None:
             fused_s = np.zeros((size, f.shape[1]), np.float32)
@@ -109,7 +109,8 @@ def _train(cfg: IndexConfig, shards: list[str], w: layout.IndexWriter) -> tuple[
     """
     so = cfg.fs_options
     key = _plan_key(cfg, shards)
-    plan = tk.Plan(cfg.features, cfg.output, so, tuple(shards), cfg.local_weight, cfg.region_codec, key)
+    plan = tk.Plan(cfg.features, cfg.output, so, tuple(shards), cfg.local_weight, cfg.region_codec, key,
+                   cfg.fuse_global)
     plan_url = storage.join(plan.work, "plan.json")
     try:
         rec = storage.read_json(plan_url, so)
@@ -121,7 +122,7 @@ def _train(cfg: IndexConfig, shards: list[str], w: layout.IndexWriter) -> tuple[
     except (FileNotFoundError, ValueError):
         pass
     t0 = time.perf_counter()
-    fused_s, crow_s, n = _reservoir(cfg.features, so, cfg.pca_sample, cfg.local_weight)
+    fused_s, crow_s, n = _reservoir(cfg.features, so, cfg.pca_sample, cfg.local_weight, cfg.fuse_global)
     sample = {"fused": fused_s, "crow": crow_s}
     del fused_s, crow_s
     budget = int(cfg.memory_budget_gb * 2**30)

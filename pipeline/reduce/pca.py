@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.config import FUSE_GLOBALS
 from pipeline.io import storage
 
 # Bumped whenever the .npz layout written by PCA.to_bytes changes, so that an old
@@ -244,3 +246,51 @@ def fuse(global_desc: np.ndarray, local_desc: np.ndarray, local_weight: float = 
     if g.ndim != 2 or loc.ndim != 2 or g.shape[0] != loc.shape[0]:
         raise ValueError(f"fuse expects (N, Dg) and (N, Dl) arrays, got {g.shape} and {loc.shape}")
     return np.concatenate([l2n(g), np.float32(local_weight) * l2n(loc)], axis=1)
+
+
+def fuse_global_part(vectors: Mapping[str, np.ndarray], kind: str) -> np.ndarray:
+    """The global part of the fused vector: the paper's global CNN feature (``global``), R-MAC instead (``rmac``), or
+    both L2-normalised side by side (``global+rmac``, so that neither dominates by its scale before ``fuse``
+    normalises the part as a whole).
+
+    Args:
+        vectors: descriptor name -> ``(N, d)`` array (an extraction's columns, a model's stacked outputs).
+        kind: one of ``FUSE_GLOBALS`` (the ``--fuse-global`` option).
+
+    Returns:
+        ``(N, d)`` vectors, not normalised as a whole.
+
+    Raises:
+        ValueError: on an unknown ``kind``.
+    """
+    if kind == "global+rmac":
+        return np.concatenate([l2n(vectors["global"]), l2n(vectors["rmac"])], axis=1)
+    if kind in ("global", "rmac"):
+        return np.asarray(vectors[kind])
+    raise ValueError(f"unknown fuse_global {kind!r}; known: {FUSE_GLOBALS}")
+
+
+def fuse_columns(kind: str) -> tuple[str, ...]:
+    """The descriptors that the fused vector of ``kind`` reads (global part first, then ``local``).
+
+    Raises:
+        ValueError: on an unknown ``kind``.
+    """
+    if kind not in FUSE_GLOBALS:
+        raise ValueError(f"unknown fuse_global {kind!r}; known: {FUSE_GLOBALS}")
+    return (*kind.split("+"), "local")
+
+
+def fuse_vectors(vectors: Mapping[str, np.ndarray], kind: str, local_weight: float = 1.0) -> np.ndarray:
+    """The fused vector before PCA, the one definition the index build, search and the benchmark share:
+    ``fuse(fuse_global_part(vectors, kind), vectors["local"], local_weight)``.
+
+    Args:
+        vectors: descriptor name -> ``(N, d)`` array, holding at least ``fuse_columns(kind)``.
+        kind: one of ``FUSE_GLOBALS``.
+        local_weight: multiplier of the local part.
+
+    Returns:
+        ``(N, Dg + Dl)`` float32 fused descriptors (not re-normalised; PCA + L2 follow).
+    """
+    return fuse(fuse_global_part(vectors, kind), vectors["local"], local_weight)

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from pipeline.io import images as imgs
 from pipeline.io import storage
 from pipeline.reduce import faiss_index as fx
-from pipeline.reduce.pca import PCA, fuse, l2n
+from pipeline.reduce.pca import PCA, fuse_columns, fuse_vectors, l2n
 from pipeline.schema import column_to_numpy
 from pipeline.store import feature_store as fstore
 from pipeline.store import index_store as layout
@@ -26,7 +26,7 @@ from pipeline.store import region_store as rs
 SPACES = ("fused", "crow")
 PCA_FILE = {"fused": layout.PCA_FUSED, "crow": layout.PCA_CROW}
 INDEX_FILE = {"fused": layout.INDEX_FUSED, "crow": layout.INDEX_CROW}
-IMAGE_COLUMNS = ["uri", "status", "global", "local", "crow"]
+IMAGE_COLUMNS = ["uri", "status", "global", "rmac", "local", "crow"]  # rmac: the fused vector's global+rmac part
 REGION_COLUMNS = ["rank", "descriptor", "box"]
 RECALL_K = 10  # recall@10 is what the index choice is judged by
 
@@ -43,6 +43,7 @@ class Plan:
         local_weight: the fused vector's local weight.
         codec: region-store codec.
         key: the plan's identity; a task marker with another key is stale and redone.
+        fuse_global: the fused vector's global part (``IndexConfig.fuse_global``).
     """
 
     features: str
@@ -52,6 +53,7 @@ class Plan:
     local_weight: float
     codec: str
     key: str
+    fuse_global: str
 
     @property
     def work(self) -> str:
@@ -67,14 +69,24 @@ class Plan:
         return storage.join(self.work, "parts", f"{name}.{what}")
 
 
-def fused_vectors(t: pa.Table, local_weight: float) -> np.ndarray:
-    """The paper's fused vector before PCA (2.4): concat(L2(global), w * L2(local))."""
-    return fuse(column_to_numpy(t, "global"), column_to_numpy(t, "local"), local_weight)
+def fused_vectors(t: pa.Table, local_weight: float, fuse_global: str) -> np.ndarray:
+    """The fused vector before PCA (paper 2.4, ``pca.fuse_vectors``): concat(L2(global part), w * L2(local)), the
+    global part chosen by ``fuse_global`` (see ``pca.fuse_global_part``).
+
+    Args:
+        t: image rows with (at least) the columns ``pca.fuse_columns(fuse_global)``.
+        local_weight: the local part's weight.
+        fuse_global: one of ``FUSE_GLOBALS``.
+
+    Returns:
+        ``(n, D)`` float32 vectors, one per row.
+    """
+    return fuse_vectors({c: column_to_numpy(t, c) for c in fuse_columns(fuse_global)}, fuse_global, local_weight)
 
 
-def raw_vectors(t: pa.Table, space: str, local_weight: float) -> np.ndarray:
+def raw_vectors(t: pa.Table, space: str, local_weight: float, fuse_global: str) -> np.ndarray:
     """A space's vectors before PCA: fused, or L2(CroW)."""
-    return fused_vectors(t, local_weight) if space == "fused" else l2n(column_to_numpy(t, "crow"))
+    return fused_vectors(t, local_weight, fuse_global) if space == "fused" else l2n(column_to_numpy(t, "crow"))
 
 
 def region_rows(r: pa.Table, image_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +171,7 @@ def reduce_shard(task: tuple[int, fstore.LiveShardRef], plan: Plan) -> dict[str,
     if t.num_rows:
         exact = {}
         for s in SPACES:
-            x = state["pca"][s].transform(raw_vectors(t, s, plan.local_weight))
+            x = state["pca"][s].transform(raw_vectors(t, s, plan.local_weight, plan.fuse_global))
             index = fx.index_from_bytes(state["trained"][s])
             fx.add_chunks(index, [x])
             storage.write_bytes(plan.part_url(name, f"{s}.faiss"), fx.index_bytes(index), plan.so)

@@ -13,11 +13,11 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.config import Box, ModelConfig
+from pipeline.config import FUSE_GLOBALS, Box, ModelConfig
 from pipeline.io import storage
 from pipeline.io.images import OK, Decoded, decode_image, resize_max_side
 from pipeline.reduce import faiss_index as fx
-from pipeline.reduce.pca import PCA, fuse, l2n
+from pipeline.reduce.pca import PCA, fuse_columns, fuse_vectors, l2n
 from pipeline.retrieval.rerank import match_regions, rerank_regions_top, rerank_top
 from pipeline.store import index_store as layout
 from pipeline.store.region_store import RegionStore
@@ -157,6 +157,10 @@ class Searcher:
             raise storage.StorageError(f"{index_url}: an index of an older layout (one id map and region store); "
                                        "rebuild it with jobs/index.py")
         self.local_weight = float(self.meta["config"]["local_weight"])
+        # Queries are fused as the index's images were; an index built before the option existed fused the global one.
+        self.fuse_global = self.meta["config"].get("fuse_global", "global")
+        if self.fuse_global not in FUSE_GLOBALS:
+            raise storage.StorageError(f"{index_url}: unknown fuse_global {self.fuse_global!r} in its {layout.DONE}")
         self.pca = {"fused": PCA.from_bytes(files.read(layout.PCA_FUSED)),
                     "crow": PCA.from_bytes(files.read(layout.PCA_CROW))}
         self._cache_dir = cache_dir
@@ -274,7 +278,8 @@ class Searcher:
         if mode not in RERANK_MODES:
             raise ValueError(f"mode must be one of {RERANK_MODES}, got {mode!r}")
         if space == "fused":
-            q = np.stack([fuse(o["global"][None], o["local"][None], self.local_weight)[0] for o in outs])
+            q = fuse_vectors({c: np.stack([o[c] for o in outs]) for c in fuse_columns(self.fuse_global)},
+                             self.fuse_global, self.local_weight)
         else:
             q = l2n(np.stack([o["crow"] for o in outs]))
         q = self.pca[space].transform(q)
