@@ -5,7 +5,8 @@ With ``--other-global URL`` (an extraction of the same images at another size) i
 feature averaged over both sizes (sum of the L2-normalised vectors), and the gain of ``ours`` over that.
 
 Usage: .venv/bin/python benchmarks/paired_gain.py --dataset ../shared/datasets/caltech101 \
-           --features runs/caltech101-ms/features [--queries FILE] [--regions 12] [--local-weight 1] [--other-global URL]
+           --features runs/caltech101-ms/features [--queries FILE] [--regions 12] [--local-weight 1] [--other-global URL] \
+           [--fuse-global global]   # the paper's global part: the figures quoted in BENCHMARKS.md before issue 16
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pipeline.bench import metrics as ev  # noqa: E402
 from pipeline.bench.corpus import load_corpus  # noqa: E402
 from pipeline.bench.methods import method_vectors  # noqa: E402
 from pipeline.bench.paired import paired_gain  # noqa: E402
-from pipeline.config import BenchmarkConfig  # noqa: E402
+from pipeline.config import FUSE_GLOBALS, BenchmarkConfig  # noqa: E402
 from pipeline.reduce.pca import l2n  # noqa: E402
 
 
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--queries", default=None, help="default: <dataset>/queries_5pct_seed0.txt")
     ap.add_argument("--regions", type=int, default=12)
     ap.add_argument("--local-weight", type=float, default=1.0)
+    ap.add_argument("--fuse-global", default=BenchmarkConfig.fuse_global, choices=FUSE_GLOBALS,
+                    help="global part of `ours` (default: the jobs' default)")
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--other-global", default=None, help="extraction whose global feature is averaged in (control)")
     a = ap.parse_args()
@@ -42,7 +45,7 @@ def main() -> None:
     queries = ds.read_query_list(a.queries or str(Path(a.dataset) / "queries_5pct_seed0.txt"))
     row_of = {p: i for i, p in enumerate(c.paths)}
     qrows = np.array([row_of[p] for p in queries], dtype=np.int64)
-    vec = method_vectors(c, BenchmarkConfig(report="-", local_weight=a.local_weight))
+    vec = method_vectors(c, BenchmarkConfig(report="-", local_weight=a.local_weight, fuse_global=a.fuse_global))
     p = {}
     for m in ("global", "ours"):
         ranks = ev.rank_by_similarity(vec[m][qrows], vec[m], 11)
