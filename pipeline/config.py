@@ -398,6 +398,9 @@ class BenchmarkConfig(ModelConfig, HasStorage):
     diffusion_k: int = _opt(20, "ours+diffusion: neighbours per image in the database graph")
     diffusion_alpha: float = _opt(0.8, "ours+diffusion: diffusion strength in [0, 1)")
     diffusion_seeds: int = _opt(5, "ours+diffusion: query neighbours that seed the diffusion")
+    kr_k1: int = _opt(20, "ours+kr: k of the k-reciprocal neighbour sets")
+    kr_k2: int = _opt(6, "ours+kr: neighbours averaged into each encoding (local query expansion; 1 = none)")
+    kr_lambda: float = _opt(0.3, "ours+kr: weight of the original distance against the Jaccard distance, in [0, 1]")
     figure_queries: int = _opt(4, "queries shown in the results picture")
     seed: int = _opt(0, "seed of the random query sample")
     tune_seed: int = _opt(-1, "tune on one query list, report on others: the tune list's seed (category: the "
@@ -416,6 +419,8 @@ class BenchmarkConfig(ModelConfig, HasStorage):
             raise ConfigError("k, pca_dim must be >= 1; rerank, qe >= 0")
         if self.dba_k < 0 or self.diffusion_k < 1 or self.diffusion_seeds < 1 or not 0 <= self.diffusion_alpha < 1:
             raise ConfigError("dba_k must be >= 0; diffusion_k, diffusion_seeds >= 1; diffusion_alpha in [0, 1)")
+        if self.kr_k1 < 1 or self.kr_k2 < 1 or not 0 <= self.kr_lambda <= 1:
+            raise ConfigError("kr_k1, kr_k2 must be >= 1; kr_lambda in [0, 1]")
         if self.tune_seed < -1:
             raise ConfigError("--tune-seed must be >= 0, or -1 for one query list")
         if self.tune_seed >= 0 and self.protocol not in ("category", "labels"):

@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline.bench.corpus import Corpus, Queries, corpus_queries
 from pipeline.bench.diffusion import dba, diffusion_ranking
+from pipeline.bench.kreciprocal import k_reciprocal_ranking
 from pipeline.bench.metrics import rank_by_similarity
 from pipeline.config import BenchmarkConfig
 from pipeline.reduce.pca import PCA, fuse_vectors, l2n
@@ -21,6 +22,8 @@ ALL_METHODS = ("bow",) + DESCRIPTOR_METHODS + ("ours", "ours+qe", "crow+rerank",
                                                 "crow+regions+qe")
 # On top of `ours`: database-side augmentation (alone and with AQE) and diffusion over a kNN graph of the database.
 ALL_METHODS += ("ours+dba", "ours+dba+qe", "ours+diffusion")
+# On top of `ours`: k-reciprocal re-ranking (Jaccard distance of k-reciprocal neighbour sets).
+ALL_METHODS += ("ours+kr",)
 
 
 def select_methods(methods: str) -> list[str]:
@@ -201,4 +204,8 @@ def method_rankers(c: Corpus, cfg: BenchmarkConfig, qrows: np.ndarray,
     rankers["ours+dba+qe"] = lambda: ours_dba(cfg.qe)
     rankers["ours+diffusion"] = lambda: diffusion_ranking(
         vec["ours"], qvec["ours"], depth, k=cfg.diffusion_k, alpha=cfg.diffusion_alpha, seeds=cfg.diffusion_seeds)
+    # Corpus-row queries are encoded with the database (they are database rows); described queries (crops) with it.
+    rankers["ours+kr"] = lambda: k_reciprocal_ranking(
+        vec["ours"], qvec["ours"], depth, k1=cfg.kr_k1, k2=cfg.kr_k2, lam=cfg.kr_lambda,
+        q_rows=qrows if queries is None else None)
     return rankers
