@@ -448,6 +448,9 @@ def test_tune_seed_config_errors(tiny_features, tmp_path):
         _cfg(tiny_features, str(tmp_path), tune_seed=0, report_seeds="1,1")
     with pytest.raises(ConfigError, match="fixed queries"):
         _cfg(tiny_features, str(tmp_path), protocol="oxford", tune_seed=0)
+    for bad in ({"kr_k1": 0}, {"kr_k2": 0}, {"kr_lambda": 1.5}, {"kr_lambda": -0.1}):
+        with pytest.raises(ConfigError, match="kr_"):
+            _cfg(tiny_features, str(tmp_path), **bad)
     q = tmp_path / "q.txt"
     q.write_text("Leopards/image_0001.jpg\n")
     with pytest.raises(ValueError, match="exclude each other"):
@@ -467,7 +470,7 @@ def test_dba_and_diffusion_rows_rank_as_their_references(monkeypatch):
     c = Corpus("", [f"{i}.jpg" for i in range(5)], None, {"gem": db}, np.zeros((0, 2), np.float32),
                np.zeros(6, np.int64), [])
     cfg = SimpleNamespace(qe=1, rerank=5, dba_k=1, dba_alpha=0.0, diffusion_k=1, diffusion_alpha=0.5,
-                          diffusion_seeds=1)
+                          diffusion_seeds=1, kr_k1=2, kr_k2=2, kr_lambda=0.3)
     rankers = methods.method_rankers(c, cfg, np.array([0, 4]), 5)
     # DBA with k = 1: each vector averaged with its nearest other one (0+20, 20+0, 50+60, 60+50, 100+60).
     nn = [1, 0, 3, 2, 3]
@@ -485,6 +488,11 @@ def test_dba_and_diffusion_rows_rank_as_their_references(monkeypatch):
     got = rankers["ours+diffusion"]()
     assert got[0].tolist() == [0, 1, 2, 3, 4]
     assert got[1, 0] == 4 and set(got[1, :3].tolist()) == {4, 3, 2}
+    # k-reciprocal: the queries are database rows, encoded with the database (the ranking itself: test_kreciprocal).
+    from pipeline.bench.kreciprocal import k_reciprocal_ranking
+
+    np.testing.assert_array_equal(rankers["ours+kr"](),
+                                  k_reciprocal_ranking(db, db[[0, 4]], 5, k1=2, k2=2, lam=0.3, q_rows=[0, 4]))
 
 
 @pytest.mark.parametrize("fuse_global", ["global+rmac", "global"])
