@@ -398,7 +398,7 @@ class BenchmarkConfig(ModelConfig, HasStorage):
     diffusion_k: int = _opt(20, "ours+diffusion: neighbours per image in the database graph")
     diffusion_alpha: float = _opt(0.8, "ours+diffusion: diffusion strength in [0, 1)")
     diffusion_seeds: int = _opt(5, "ours+diffusion: query neighbours that seed the diffusion")
-    kr_k1: int = _opt(20, "ours+kr: k of the k-reciprocal neighbour sets")
+    kr_k1: int = _opt(30, "ours+kr: k of the k-reciprocal neighbour sets")
     kr_k2: int = _opt(6, "ours+kr: neighbours averaged into each encoding (local query expansion; 1 = none)")
     kr_lambda: float = _opt(0.3, "ours+kr: weight of the original distance against the Jaccard distance, in [0, 1]")
     figure_queries: int = _opt(4, "queries shown in the results picture")

@@ -94,7 +94,7 @@ def jaccard_distances(vq: sp.csr_matrix, vg: sp.csr_matrix) -> np.ndarray:
     return out
 
 
-def k_reciprocal_ranking(db: np.ndarray, q: np.ndarray, depth: int, k1: int = 20, k2: int = 6, lam: float = 0.3,
+def k_reciprocal_ranking(db: np.ndarray, q: np.ndarray, depth: int, k1: int = 30, k2: int = 6, lam: float = 0.3,
                          q_rows: np.ndarray | None = None) -> np.ndarray:
     """Rank the database for each query by ``(1 - lam) * Jaccard + lam * original distance`` (Zhong et al. 2017).
 
