@@ -80,7 +80,7 @@ def test_bottom_k_holds_a_bounded_number_of_rows():
     """Whatever the number and order of batches, at most size + size/4 rows are held between batches, and the result
     is the global bottom-k."""
     rng = np.random.default_rng(0)
-    size, acc, allk, allv = 40, sp.BottomK(40), [], []
+    size, acc, allk = 40, sp.BottomK(40), []
     for b in range(60):
         n = int(rng.integers(0, 30))
         keys = rng.integers(0, 1 << 20, n).astype(np.uint64)  # small range: ties, broken by id

@@ -131,17 +131,22 @@ def _shift_ids(index: Any, row0: int) -> None:
 
 def _merge_index(plan: tk.Plan, space: str, parts: list[dict[str, Any]], w: layout.IndexWriter, tmp: str,
                  cfg: IndexConfig) -> Any:
-    """Merge the tasks' partial indexes of a space into the published one; returns it (for the recall check).
+    """Merge the tasks' partial indexes of a space into the published one; returns it (searched with PCA outputs, for
+    the recall check).
 
     IVF indexes: faiss's on-disk inverted lists (``faiss.contrib.ondisk.merge_ondisk``): the partial indexes are
     memory-mapped and their lists written to ``<space>.ivfdata``, so the driver holds one list at a time, and a
     search memory-maps it. Flat indexes (chosen only while their vectors fit ``--memory-budget-gb``): in memory.
+    The published file is the index behind its PCA and L2 normalisation (``faiss.IndexPreTransform``), so standard
+    faiss tooling searches it with the vectors before PCA; it names its ``.ivfdata`` by bare file name.
     """
     import faiss
     from faiss.contrib.ondisk import merge_ondisk
 
     so = plan.so
     trained = fx.index_from_bytes(storage.read_bytes(plan.trained_url(space), so))
+    pca = PCA.from_bytes(storage.read_bytes(storage.join(plan.output, tk.PCA_FILE[space]), so))
+    pca_t = fx.pca_matrix(pca.mean, pca.components, pca.eigvals, pca.whiten)
     name = tk.INDEX_FILE[space]
     if fx.is_ivf(trained):
         local = []
@@ -156,15 +161,16 @@ def _merge_index(plan: tk.Plan, space: str, parts: list[dict[str, Any]], w: layo
         # Not merge_ondisk(shift_ids=True): in faiss 1.15 it shifts the third and later parts wrongly.
         merge_ondisk(trained, local, ivfdata)
         fx.set_search_params(trained, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
-        faiss.write_index(trained, os.path.join(tmp, name))
+        fx.name_ivfdata(trained, layout.IVFDATA[name])
+        faiss.write_index(fx.with_pca(trained, pca_t), os.path.join(tmp, name))
         for p in local:
             os.remove(p)
         w.put_file(layout.IVFDATA[name], ivfdata)
         w.put_file(name, os.path.join(tmp, name))
-        return faiss.read_index(os.path.join(tmp, name), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        return fx.unwrap(faiss.read_index(os.path.join(tmp, name), faiss.IO_FLAG_ONDISK_SAME_DIR))
     for m in parts:
         trained.merge_from(fx.index_from_bytes(storage.read_bytes(plan.part_url(m["shard"], f"{space}.faiss"), so)))
-    w.write(name, fx.index_bytes(trained))
+    w.write(name, fx.index_bytes(fx.with_pca(trained, pca_t)))
     return trained
 
 
