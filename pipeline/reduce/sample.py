@@ -91,8 +91,8 @@ def sample_shard(task: tuple[int, fstore.LiveShardRef], plan: tk.Plan, size: int
 class BottomK:
     """The ``size`` rows with the smallest (key, id) among all rows added, kept as batches arrive in any order.
 
-    Memory: at most ``size + size // 4`` rows held between trims plus the batch being added, and ``size`` more while
-    trimming (the vectors are gathered into fresh arrays, the batches dropped after).
+    Memory: at most ``size + size // 4`` rows held between trims plus the batch being added, and while trimming one
+    space's vectors of ``size`` rows more (gathered into a fresh array, that space's batches dropped at once).
     """
 
     def __init__(self, size: int) -> None:
@@ -124,6 +124,7 @@ class BottomK:
             for j, b in enumerate(self.batches):
                 m = src == j
                 v[m] = b[s][pos[m]]
+                b[s] = None  # dropped as soon as gathered: one space's copy at a time
             out[s] = v
         self.batches, self.rows = [out], len(order)
 
