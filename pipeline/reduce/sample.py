@@ -104,7 +104,9 @@ class BottomK:
     def add(self, batch: dict[str, Any]) -> None:
         """Add ``{"keys", "ids", <space>: vectors}`` rows (a ``sample_shard`` result)."""
         if len(batch["keys"]):
-            self.batches.append({k: batch[k] for k in ("keys", "ids", *tk.SPACES)})
+            # Copies: a Ray result's arrays are views of the shared object store; holding them would keep every
+            # task's result there (and in the RSS of the worker that wrote it) until the sample is complete.
+            self.batches.append({k: np.array(batch[k]) for k in ("keys", "ids", *tk.SPACES)})
             self.rows += len(batch["keys"])
         if self.rows > self.limit:
             self._trim()
