@@ -297,8 +297,8 @@ def pca_matrix(mean: np.ndarray, components: np.ndarray, eigvals: np.ndarray, wh
         eps: added to each eigenvalue before the square root (as ``PCA.project``).
 
     Returns:
-        The matrix (faiss stores only these ``d_out`` rows and rebuilds its linear map from them when it reads the
-        file, so the file holds no more than our ``.npz``).
+        The matrix (holding only these ``d_out`` rows, not faiss' usual ``d_in x d_in``; an index file stores them
+        and the linear map made from them: twice the ``.npz``'s axes).
     """
     d_out, d_in = components.shape
     t = faiss.PCAMatrix(d_in, d_out, -0.5 if whiten else 0.0, False)
