@@ -7,13 +7,17 @@ Subcommands:
            features (fused and CroW after PCA 512), at the saved nprobe;
   gen      a synthetic extraction output in the exact layout (schema.py tables, done-markers, config.json);
   scale    gen (if missing) + jobs/index.py under /usr/bin/time -v (driver peak RSS, tasks' peak RSS, images/s) + a
-           Searcher (peak RSS in a fresh process, queries/s at top-100 with --rerank 100).
+           Searcher (peak RSS in a fresh process, queries/s at top-100 with --rerank 100);
+  sample   the build's sampling pass alone (pipeline.reduce.sample: tasks in-process or on 1, 2... Ray workers), each
+           in a fresh process: seconds and the driver's peak RSS.
 
 examples:
   python benchmarks/index_scale.py codecs --dataset ../shared/datasets/caltech101 --protocol category \\
       --queries ../shared/datasets/caltech101/queries_5pct_seed0.txt --features runs/caltech101-ms/features
   python benchmarks/index_scale.py recall --features runs/caltech101-ms/features
   python benchmarks/index_scale.py scale --root /work/runs-13 --sizes 10000 30000 --workers 1 2
+  python benchmarks/index_scale.py gen --root /work/runs-13 --size 30000
+  python benchmarks/index_scale.py sample --features /work/runs-13/synth-30000 --size 10000 --workers 0 1 2
 """
 
 from __future__ import annotations
@@ -166,6 +170,39 @@ print(json.dumps({"qps": nq / dt, "rss_mb": resource.getrusage(resource.RUSAGE_S
 """
 
 
+SAMPLE_PROBE = """
+import json, resource, sys, time
+from pipeline.reduce import sample as sp, task as tk
+from pipeline.reduce.runners import make_task_runner
+from pipeline.store import feature_store as fstore
+feats, size, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+plan = tk.Plan(feats, "/nonexistent", {}, (), 1.0, "int8", "probe", "global+rmac")  # sampling writes nothing
+tasks = list(enumerate(fstore.live_shard_refs(feats, {})))
+if workers:  # Ray started before the clock, as in a build (where it runs already)
+    import ray
+    from pipeline.extract.runners import init_ray
+    init_ray()
+    ray.get(ray.remote(lambda: 1).remote())
+t0 = time.perf_counter()
+out, rec = sp.sample(plan, tasks, make_task_runner(workers == 0, workers), size)
+print(json.dumps({"workers": workers, "seconds": round(time.perf_counter() - t0, 1),
+                  "driver_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                  **{k: rec[k] for k in ("images", "sampled", "passes")}}))
+"""
+
+
+def sample(a: argparse.Namespace) -> None:
+    """The sampling pass alone, in a fresh process per worker count (the driver's own peak RSS: Ray's processes are
+    not counted)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for w in a.workers:
+        p = subprocess.run([sys.executable, "-c", SAMPLE_PROBE, a.features, str(a.size), str(w)], capture_output=True,
+                           text=True, env=env, check=False)
+        if p.returncode:
+            raise RuntimeError(f"sample probe failed: {p.stderr[-3000:]}")
+        print(p.stdout.strip().splitlines()[-1], f"load {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
+
+
 def scale(a: argparse.Namespace) -> None:
     """Build and search synthetic corpora; print the table."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -230,8 +267,19 @@ def main() -> None:
     s.add_argument("--factory", default="")
     s.add_argument("--queries", type=int, default=50)
     s.add_argument("--keep", action="store_true")
+    g = sub.add_parser("gen")
+    g.add_argument("--root", default="/work/runs-13")
+    g.add_argument("--size", type=int, required=True)
+    g.add_argument("--shard-size", type=int, default=1000)
+    m = sub.add_parser("sample")
+    m.add_argument("--features", required=True)
+    m.add_argument("--size", type=int, default=10_000, help="--pca-sample")
+    m.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="Ray workers (0 = in-process)")
     a = p.parse_args()
-    {"codecs": codecs, "recall": recall, "scale": scale}[a.cmd](a)
+    if a.cmd == "gen":
+        print(gen(a.root, a.size, a.shard_size))
+        return
+    {"codecs": codecs, "recall": recall, "scale": scale, "sample": sample}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -162,3 +162,45 @@ def test_save_load_s3_round_trip(s3_server, s3_bucket):
     assert loaded.ntotal == index.ntotal
     for a, b in zip(search(index, q, 10), search(loaded, q, 10)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_pca_matrix_and_pretransform_equal_our_pca(tmp_path, whiten):
+    """Our PCA as a faiss PCAMatrix projects like PCA.project (whitening included); the wrapped index, read back from
+    a file, searches raw vectors as the bare index searches PCA.transform of them; unwrap gives the index inside."""
+    from pipeline.reduce.faiss_index import pca_matrix, unwrap, with_pca
+    from pipeline.reduce.pca import PCA
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 24)).astype(np.float32) * np.linspace(3, 0.2, 24, dtype=np.float32)
+    pca = PCA.fit(x, 12, whiten=whiten)
+    t = pca_matrix(pca.mean, pca.components, pca.eigvals, pca.whiten)
+    np.testing.assert_allclose(t.apply(x), pca.project(x), rtol=1e-4, atol=1e-5)
+    inner = build_index(pca.transform(x), "Flat")
+    path = str(tmp_path / "pt.faiss")
+    faiss.write_index(with_pca(inner, t), path)
+    loaded = faiss.read_index(path)
+    assert isinstance(loaded, faiss.IndexPreTransform) and loaded.d == 24
+    q = x[:20] + 0.01 * rng.standard_normal((20, 24)).astype(np.float32)
+    d_raw, i_raw = loaded.search(q, 5)
+    d_pca, i_pca = inner.search(pca.transform(q), 5)
+    np.testing.assert_array_equal(i_raw, i_pca)
+    np.testing.assert_allclose(d_raw, d_pca, atol=1e-5)
+    assert unwrap(loaded).ntotal == 300 and not isinstance(unwrap(loaded), faiss.IndexPreTransform)
+    assert unwrap(inner) is inner
+
+
+def test_pca_matrix_matches_our_pca_on_rank_deficient_data():
+    """Rank-deficient data, whitened: the axes with variance match, the null one (noise divided by ~1e-6) stays finite."""
+    from pipeline.reduce.faiss_index import pca_matrix
+    from pipeline.reduce.pca import PCA
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((200, 8)).astype(np.float32)
+    x[:, 1] = x[:, 0]  # rank 7
+    pca = PCA.fit(x, 8, whiten=True)
+    assert pca.eigvals[-1] < 1e-6
+    t = pca_matrix(pca.mean, pca.components, pca.eigvals, True)
+    y, ref = t.apply(x), pca.project(x)
+    np.testing.assert_allclose(y[:, :-1], ref[:, :-1], rtol=1e-4, atol=1e-4)
+    assert np.isfinite(y).all()

@@ -9,7 +9,7 @@ import pytest
 from pipeline.config import IndexConfig
 from pipeline.io import storage
 from pipeline.reduce import build as rd
-from pipeline.reduce.faiss_index import load_index
+from pipeline.reduce.faiss_index import load_index, unwrap
 from pipeline.reduce.pca import PCA, l2n
 from pipeline.schema import column_to_numpy
 from pipeline.store import feature_store as fstore
@@ -55,7 +55,7 @@ def test_index_matches_numpy_reference(tiny_features, tmp_path, fuse_global):
     pca = PCA.load(storage.join(out, layout.PCA_FUSED))
     np.testing.assert_allclose(pca.mean, raw.mean(axis=0), atol=1e-5)
     ref = pca.transform(raw)
-    index = load_index(storage.join(out, layout.INDEX_FUSED))
+    index = unwrap(load_index(storage.join(out, layout.INDEX_FUSED)))  # the index behind its PCA (IndexPreTransform)
     got = np.stack([index.reconstruct(i) for i in range(index.ntotal)])
     np.testing.assert_allclose(got, ref, atol=1e-5)
     # Exact search equals brute force.
@@ -119,9 +119,57 @@ def test_factory_override_and_saved_search_params(tiny_features, tmp_path):
     assert marker["factory"] == {"fused": "IVF2,Flat", "crow": "IVF2,Flat"}
     index = Searcher(out).index["fused"]  # on-disk inverted lists: read through the folder, memory-mapped
     assert faiss.extract_index_ivf(index).nprobe == 2  # saved with the index: every list visited, so exact
-    exact = load_index(storage.join(_exact(tiny_features, tmp_path), layout.INDEX_FUSED))
+    exact = unwrap(load_index(storage.join(_exact(tiny_features, tmp_path), layout.INDEX_FUSED)))
     q = np.stack([exact.reconstruct(i) for i in range(4)])
     np.testing.assert_array_equal(index.search(q, 5)[1], exact.search(q, 5)[1])
+
+
+@pytest.mark.parametrize("kind", [{"whiten": True}, {"factory": "IVF2,SQ8", "nprobe": 1}])
+def test_published_index_loads_in_plain_faiss_and_ranks_as_the_searcher(tiny_features, tmp_path, monkeypatch, kind):
+    """The published .faiss is an IndexPreTransform (our PCA, whitening included, then L2): plain faiss, reading a
+    moved copy of the folder, searches it with the vectors before PCA and finds what the Searcher finds."""
+    import shutil
+
+    import faiss
+
+    from pipeline.reduce import task as tk
+    from pipeline.retrieval.search import Searcher
+
+    built = str(tmp_path / "built")
+    marker = _build(tiny_features["features"], built, **kind)
+    moved = str(tmp_path / "moved")
+    shutil.copytree(built, moved)
+    shutil.rmtree(built)  # nothing may point back to where it was built
+    t = fstore.read_live_table(tiny_features["features"], "images")
+    t = t.filter(pc.equal(t.column("status"), "ok"))
+    vec_cols = [c for c in t.column_names if _is_vector(t, c)]
+    outs = [{c: column_to_numpy(t, c)[i] for c in vec_cols} for i in range(t.num_rows)]
+    s = Searcher(moved)
+    for space in ("fused", "crow"):
+        path = f"{moved}/{layout.INDEX_FUSED if space == 'fused' else layout.INDEX_CROW}"
+        plain = faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+        assert isinstance(plain, faiss.IndexPreTransform) and plain.ntotal == marker["images"]
+        if "factory" in kind:
+            assert faiss.extract_index_ivf(plain).nprobe == 1  # the saved search parameter travels with it
+        # the vectors before PCA, as the build computes them
+        raw = tk.raw_vectors(t, space, 1.0, marker["config"]["fuse_global"])
+        d_plain, i_plain = plain.search(raw, 5)
+        i_ours, d_ours = s.search_vectors(outs, top_k=5, space=space)
+        np.testing.assert_array_equal(i_plain, i_ours)
+        np.testing.assert_allclose(d_plain, d_ours, atol=1e-4)
+    if "factory" in kind:  # plain read without flags: the .ivfdata is named by bare name, relative to the cwd
+        monkeypatch.chdir(moved)
+        plain = faiss.read_index(layout.INDEX_FUSED)
+        raw = tk.raw_vectors(t, "fused", 1.0, marker["config"]["fuse_global"])
+        np.testing.assert_array_equal(plain.search(raw, 5)[1],
+                                      s.search_vectors(outs, top_k=5)[0])
+
+
+def _is_vector(t, column: str) -> bool:
+    """A fixed-size-list column (a descriptor)."""
+    import pyarrow as pa
+
+    return pa.types.is_fixed_size_list(t.schema.field(column).type)
 
 
 def _exact(tiny_features, tmp_path) -> str:
@@ -183,7 +231,7 @@ def test_ivf_build_merges_on_disk_and_matches_in_memory(tiny_features, tmp_path)
     assert {layout.IVFDATA[layout.INDEX_FUSED], layout.IVFDATA[layout.INDEX_CROW]} <= set(marker["files"])
     assert len(marker["parts"]) > 1  # several shards: the merge shifted their ids
     s = Searcher(out)
-    exact = load_index(storage.join(_exact(tiny_features, tmp_path), layout.INDEX_FUSED))
+    exact = unwrap(load_index(storage.join(_exact(tiny_features, tmp_path), layout.INDEX_FUSED)))
     x = np.stack([exact.reconstruct(i) for i in range(exact.ntotal)])
     ref = faiss.IndexFlatIP(x.shape[1])
     ref.add(x)
@@ -244,11 +292,9 @@ def test_ray_build_equals_in_process_build(tiny_features, tmp_path, ray_local):
         dist[k] = rd.build(cfg, RayTaskRunner(cfg.workers))
     from pipeline.retrieval.search import Searcher
 
-    # An IVF .faiss names the merge's temporary ivfdata path inside it: compared by its search results instead.
-    same = {"flat": lambda name: True, "ivf": lambda name: not name.endswith(".faiss")}
+    # Every file, the IVF .faiss too (it names its .ivfdata by bare name, not by the merge's temporary path).
     for k in kinds:
-        assert {n: e for n, e in dist[k]["files"].items() if same[k](n)} == \
-            {n: e for n, e in local[k]["files"].items() if same[k](n)}
+        assert dist[k]["files"] == local[k]["files"]
         assert dist[k]["parts"] == local[k]["parts"] and dist[k]["recall"] == local[k]["recall"]
     a, b = Searcher(str(tmp_path / "ray-ivf")).index["fused"], Searcher(str(tmp_path / "local-ivf")).index["fused"]
     q = np.random.default_rng(0).standard_normal((5, a.d)).astype(np.float32)

@@ -11,42 +11,23 @@ import resource
 import shutil
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.config import IndexConfig, public_dict
-from pipeline.io import images as imgs
 from pipeline.io import storage
 from pipeline.reduce import faiss_index as fx
+from pipeline.reduce import sample as sp
 from pipeline.reduce import task as tk
-from pipeline.reduce.pca import PCA, l2n
+from pipeline.reduce.pca import PCA
 from pipeline.reduce.runners import TaskRunner, make_task_runner
 from pipeline.schema import column_to_numpy
 from pipeline.store import feature_store as fstore
 from pipeline.store import index_store as layout
 
 log = logging.getLogger(__name__)
-
-
-IMAGE_COLUMNS = ["image_id", "uri", "status", "global", "rmac", "local", "crow", "gem"]
-
-
-fused_vectors = tk.fused_vectors
-
-
-def _ok_shards(features: str, so: dict[str, Any], regions: bool = True) -> Iterator[tuple[pa.Table, pa.Table | None]]:
-    """Live, successfully processed image rows (sorted by image_id) and their regions, shard by shard."""
-    cols: dict[str, Any] = {fstore.IMAGES_DIR: IMAGE_COLUMNS}
-    if regions:
-        cols[fstore.REGIONS_DIR] = ["rank", "descriptor"]
-    for shard in fstore.iter_live_shards(features, so, cols):
-        t = shard[fstore.IMAGES_DIR]
-        t = t.filter(pc.equal(t.column("status"), imgs.OK))
-        if t.num_rows:
-            yield t.sort_by("image_id"), shard.get(fstore.REGIONS_DIR)
 
 
 def regions_in_order(r: pa.Table, image_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -70,42 +51,21 @@ def regions_in_order(r: pa.Table, image_ids: list[str]) -> tuple[np.ndarray, np.
     return counts, desc
 
 
-def _reservoir(features: str, so: dict[str, Any], size: int, local_weight: float, fuse_global: str, seed: int = 0
-               ) -> tuple[np.ndarray, np.ndarray, int]:
-    """A uniform sample of at most ``size`` fused and CroW vectors, streaming (Vitter's algorithm R per row)."""
-    rng = np.random.default_rng(seed)
-    fused_s: np.ndarray | None = None
-    crow_s: np.ndarray | None = None
-    seen = 0
-    for t, _ in _ok_shards(features, so, regions=False):
-        f = fused_vectors(t, local_weight, fuse_global)
-        c = l2n(column_to_numpy(t, "crow"))
-        if fused_s is None:
-            fused_s = np.zeros((size, f.shape[1]), np.float32)
-            crow_s = np.zeros((size, c.shape[1]), np.float32)
-        for i in range(len(f)):
-            j = seen if seen < size else int(rng.integers(0, seen + 1))
-            if j < size:
-                fused_s[j], crow_s[j] = f[i], c[i]  # type: ignore[index]
-            seen += 1
-    if fused_s is None:
-        raise storage.StorageError(f"no successfully extracted images under {features}")
-    n = min(seen, size)
-    return fused_s[:n], crow_s[:n], seen  # type: ignore[index]
-
-
 def _plan_key(cfg: IndexConfig, shards: list[str]) -> str:
     """The identity of a build's plan: its config (but where tasks run) and the extraction's done shards."""
     conf = {k: v for k, v in public_dict(cfg).items() if k not in ("in_process", "workers", "output")}
     return hashlib.sha256(json.dumps({"config": conf, "shards": shards}, sort_keys=True).encode()).hexdigest()
 
 
-def _train(cfg: IndexConfig, shards: list[str], w: layout.IndexWriter) -> tuple[tk.Plan, dict[str, Any]]:
-    """Sample, fit PCA, choose and train the indexes, pick the recall queries; written under ``_work`` with
-    ``plan.json`` last. A rerun of the same plan (same config and shards) reads them back instead.
+def _train(cfg: IndexConfig, shards: list[str], tasks: list[tuple[int, fstore.LiveShardRef]], runner: TaskRunner,
+           w: layout.IndexWriter) -> tuple[tk.Plan, dict[str, Any]]:
+    """Sample (tasks on ``runner``, see ``pipeline.reduce.sample``), fit PCA, choose and train the indexes, pick the
+    recall queries; written under ``_work`` with ``plan.json`` last. A rerun of the same plan (same config and
+    shards) reads them back instead; a rerun after a crash before ``plan.json`` samples again and gets the same
+    sample (it depends on the live set only).
 
     Returns:
-        (the plan, its record: factories, dims, sampled images, seconds).
+        (the plan, its record: factories, dims, sample {images, sampled, passes, seconds}, seconds).
     """
     so = cfg.fs_options
     key = _plan_key(cfg, shards)
@@ -122,14 +82,17 @@ def _train(cfg: IndexConfig, shards: list[str], w: layout.IndexWriter) -> tuple[
     except (FileNotFoundError, ValueError):
         pass
     t0 = time.perf_counter()
-    fused_s, crow_s, n = _reservoir(cfg.features, so, cfg.pca_sample, cfg.local_weight, cfg.fuse_global)
-    sample = {"fused": fused_s, "crow": crow_s}
-    del fused_s, crow_s
+    try:
+        sample, srec = sp.sample(plan, tasks, runner, cfg.pca_sample)
+    except storage.StorageError:
+        raise storage.StorageError(f"no successfully extracted images under {cfg.features}") from None
+    n = srec["images"]
+    log.info("sampled %d of %d images in %d pass(es), %.1f s", srec["sampled"], n, srec["passes"], srec["seconds"])
     budget = int(cfg.memory_budget_gb * 2**30)
     rng = np.random.default_rng(0)
     n_q = min(cfg.recall_queries, len(sample["fused"]))
     qrows = np.sort(rng.choice(len(sample["fused"]), size=n_q, replace=False))
-    rec: dict[str, Any] = {"key": key, "images_sampled": n, "factory": {}, "dims": {}}
+    rec: dict[str, Any] = {"key": key, "sample": srec, "factory": {}, "dims": {}}
     queries = {}
     for s in tk.SPACES:
         pca = PCA.fit(sample[s], cfg.pca_dim, whiten=cfg.whiten)
@@ -169,17 +132,22 @@ def _shift_ids(index: Any, row0: int) -> None:
 
 def _merge_index(plan: tk.Plan, space: str, parts: list[dict[str, Any]], w: layout.IndexWriter, tmp: str,
                  cfg: IndexConfig) -> Any:
-    """Merge the tasks' partial indexes of a space into the published one; returns it (for the recall check).
+    """Merge the tasks' partial indexes of a space into the published one; returns it (searched with PCA outputs, for
+    the recall check).
 
     IVF indexes: faiss's on-disk inverted lists (``faiss.contrib.ondisk.merge_ondisk``): the partial indexes are
     memory-mapped and their lists written to ``<space>.ivfdata``, so the driver holds one list at a time, and a
     search memory-maps it. Flat indexes (chosen only while their vectors fit ``--memory-budget-gb``): in memory.
+    The published file is the index behind its PCA and L2 normalisation (``faiss.IndexPreTransform``), so standard
+    faiss tooling searches it with the vectors before PCA; it names its ``.ivfdata`` by bare file name.
     """
     import faiss
     from faiss.contrib.ondisk import merge_ondisk
 
     so = plan.so
     trained = fx.index_from_bytes(storage.read_bytes(plan.trained_url(space), so))
+    pca = PCA.from_bytes(storage.read_bytes(storage.join(plan.output, tk.PCA_FILE[space]), so))
+    pca_t = fx.pca_matrix(pca.mean, pca.components, pca.eigvals, pca.whiten)
     name = tk.INDEX_FILE[space]
     if fx.is_ivf(trained):
         local = []
@@ -194,15 +162,16 @@ def _merge_index(plan: tk.Plan, space: str, parts: list[dict[str, Any]], w: layo
         # Not merge_ondisk(shift_ids=True): in faiss 1.15 it shifts the third and later parts wrongly.
         merge_ondisk(trained, local, ivfdata)
         fx.set_search_params(trained, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
-        faiss.write_index(trained, os.path.join(tmp, name))
+        fx.name_ivfdata(trained, layout.IVFDATA[name])
+        faiss.write_index(fx.with_pca(trained, pca_t), os.path.join(tmp, name))
         for p in local:
             os.remove(p)
         w.put_file(layout.IVFDATA[name], ivfdata)
         w.put_file(name, os.path.join(tmp, name))
-        return faiss.read_index(os.path.join(tmp, name), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        return fx.unwrap(faiss.read_index(os.path.join(tmp, name), faiss.IO_FLAG_ONDISK_SAME_DIR))
     for m in parts:
         trained.merge_from(fx.index_from_bytes(storage.read_bytes(plan.part_url(m["shard"], f"{space}.faiss"), so)))
-    w.write(name, fx.index_bytes(trained))
+    w.write(name, fx.index_bytes(fx.with_pca(trained, pca_t)))
     return trained
 
 
@@ -254,9 +223,9 @@ def build(cfg: IndexConfig, runner: TaskRunner | None = None) -> dict[str, Any]:
     # Markers are small (their id lists are separate Parquet files): names and ranges only, O(shards) not O(images).
     extraction_markers = fstore.read_done_markers(cfg.features, so)
     shards = [m["shard"] for m in extraction_markers]
-    plan, rec = _train(cfg, shards, w)
-    t1 = time.perf_counter()
     tasks = list(enumerate(fstore.live_shard_refs(cfg.features, so, markers=extraction_markers)))
+    plan, rec = _train(cfg, shards, tasks, runner, w)
+    t1 = time.perf_counter()
     done = [0]
 
     def progress(m: dict[str, Any]) -> None:
@@ -303,7 +272,10 @@ def build(cfg: IndexConfig, runner: TaskRunner | None = None) -> dict[str, Any]:
                          "center": None if region_sum is None else [float(v) for v in region_sum / regions]},
         "tasks": {"count": len(tasks), "max_rss_mb": max((m.get("max_rss_mb", 0.0) for m in markers), default=0.0)},
         "driver_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "seconds": {"train": round(t1 - t0, 3), "tasks": round(t2 - t1, 3), "merge": round(t3 - t2, 3)},
+        # "train" is the whole first phase, "sample" the part of it spent by the sampling tasks (from plan.json on
+        # a resumed build).
+        "seconds": {"train": round(t1 - t0, 3), "sample": rec.get("sample", {}).get("seconds"),
+                    "tasks": round(t2 - t1, 3), "merge": round(t3 - t2, 3)},
         "finished": fstore.now()})
     # The intermediate state only served resuming; a published index does not need it. Parts of an earlier build into
     # this folder that this one did not write (shards gone since) are not in the marker: removed too.

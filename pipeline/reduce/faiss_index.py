@@ -282,3 +282,57 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
         raise ValueError(f"query dimension {q.shape[1]} != index dimension {index.d}")
     scores, ids = index.search(q, k)
     return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
+
+
+def pca_matrix(mean: np.ndarray, components: np.ndarray, eigvals: np.ndarray, whiten: bool,
+               eps: float = 1e-12) -> faiss.PCAMatrix:
+    """Our PCA (``pipeline.reduce.pca.PCA.project``) as a trained faiss ``PCAMatrix``: ``(x - mean) @ components.T``,
+    each output divided by ``sqrt(eigval + eps)`` when whitening.
+
+    Args:
+        mean: ``(d_in,)``.
+        components: ``(d_out, d_in)`` rows, the axes.
+        eigvals: ``(d_out,)`` variances.
+        whiten: whether to whiten.
+        eps: added to each eigenvalue before the square root (as ``PCA.project``).
+
+    Returns:
+        The matrix (holding only these ``d_out`` rows, not faiss' usual ``d_in x d_in``; an index file stores them
+        and the linear map made from them: twice the ``.npz``'s axes).
+    """
+    d_out, d_in = components.shape
+    t = faiss.PCAMatrix(d_in, d_out, -0.5 if whiten else 0.0, False)
+    t.epsilon = eps
+    faiss.copy_array_to_vector(np.ascontiguousarray(mean, np.float32), t.mean)
+    faiss.copy_array_to_vector(np.ascontiguousarray(eigvals, np.float32), t.eigenvalues)
+    faiss.copy_array_to_vector(np.ascontiguousarray(components, np.float32).ravel(), t.PCAMat)
+    t.prepare_Ab()
+    t.is_trained = True
+    return t
+
+
+def with_pca(index: faiss.Index, pca: faiss.PCAMatrix) -> faiss.IndexPreTransform:
+    """``index`` (over L2-normalised PCA outputs) behind its PCA and the L2 normalisation: an index that standard faiss
+    tooling searches with the vectors before PCA. The wrapper does not own ``index``."""
+    wrapped = faiss.IndexPreTransform(faiss.NormalizationTransform(pca.d_out, 2.0), index)
+    wrapped.prepend_transform(pca)
+    return wrapped
+
+
+def unwrap(index: faiss.Index) -> faiss.Index:
+    """The index inside an ``IndexPreTransform`` (searched with PCA outputs, as the Searcher does), else ``index``.
+    The inner index keeps its wrapper alive (the wrapper read from a file owns and frees it)."""
+    if not isinstance(index, faiss.IndexPreTransform):
+        return index
+    inner = faiss.downcast_index(index.index)
+    # faiss's own slot for objects a wrapper must keep alive (other attributes are refused by its SWIG classes).
+    inner.referenced_objects = [index]
+    return inner
+
+
+def name_ivfdata(index: faiss.Index, file_name: str) -> None:
+    """Record ``file_name`` (a bare name) as where an on-disk IVF index's lists live, instead of the path they were
+    written to: the index file then names the ``.ivfdata`` beside it (``faiss.IO_FLAG_ONDISK_SAME_DIR``, or a reader
+    whose working directory is the folder), and two builds of the same data write the same bytes."""
+    ivf = faiss.extract_index_ivf(index)
+    faiss.downcast_InvertedLists(ivf.invlists).filename = file_name

@@ -15,8 +15,10 @@ class TaskRunner(Protocol):
     """Runs one function over many task descriptions and returns the results, in the order of the tasks."""
 
     def map(self, fn: Callable[..., dict[str, Any]], tasks: Sequence[Any], *args: Any,
-            on_done: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-        """``[fn(t, *args) for t in tasks]``; ``on_done`` sees each result as it arrives."""
+            on_done: Callable[[dict[str, Any]], None] | None = None, keep: bool = True) -> list[dict[str, Any]]:
+        """``[fn(t, *args) for t in tasks]``; ``on_done`` sees each result as it arrives (in any order). With
+        ``keep=False`` the results are only given to ``on_done`` and not returned (``[]``): a caller that folds
+        results as they arrive (the build's sample) then holds none of them beyond its own state."""
         ...
 
 
@@ -24,12 +26,14 @@ class LocalTaskRunner:
     """Runs the tasks one after another in this process (tests, small corpora; the reference for the Ray runner)."""
 
     def map(self, fn: Callable[..., dict[str, Any]], tasks: Sequence[Any], *args: Any,
-            on_done: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+            on_done: Callable[[dict[str, Any]], None] | None = None, keep: bool = True) -> list[dict[str, Any]]:
         out = []
         for t in tasks:
-            out.append(fn(t, *args))
+            r = fn(t, *args)
             if on_done:
-                on_done(out[-1])
+                on_done(r)
+            if keep:
+                out.append(r)
         return out
 
 
@@ -46,7 +50,7 @@ class RayTaskRunner:
         self.workers = workers
 
     def map(self, fn: Callable[..., dict[str, Any]], tasks: Sequence[Any], *args: Any,
-            on_done: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+            on_done: Callable[[dict[str, Any]], None] | None = None, keep: bool = True) -> list[dict[str, Any]]:
         import ray
 
         init_ray()
@@ -63,10 +67,13 @@ class RayTaskRunner:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             for ref in ready:
                 k = inflight.pop(ref)
-                results[k] = ray.get(ref)  # raises after Ray's retries: a rerun resumes from the finished tasks
+                r = ray.get(ref)  # raises after Ray's retries: a rerun resumes from the finished tasks
                 if on_done:
-                    on_done(results[k])
-        return [results[k] for k in range(len(tasks))]
+                    on_done(r)
+                if keep:
+                    results[k] = r
+                del r, ref  # with keep=False nothing refers to the result any more: Ray may free it
+        return [results[k] for k in range(len(tasks))] if keep else []
 
 
 def make_task_runner(in_process: bool, workers: int = 0) -> TaskRunner:

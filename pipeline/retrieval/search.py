@@ -179,13 +179,16 @@ class Searcher:
         self._model = model
 
     def _load_index(self, name: str) -> Any:
-        """A faiss index of the folder: IVF indexes with on-disk inverted lists are memory-mapped from a local copy
-        (the folder itself when local), others read whole."""
+        """A faiss index of the folder, searched with PCA outputs: IVF indexes with on-disk inverted lists are
+        memory-mapped from a local copy (the folder itself when local), others read whole. The published file holds
+        the index behind its PCA (``IndexPreTransform``, for standard faiss tooling); the Searcher applies the PCA
+        itself (query expansion adds PCA-space vectors) and searches the index inside. Files of builds before that
+        hold the bare index."""
         import faiss
 
         ivfdata = layout.IVFDATA[name]
         if ivfdata not in self.meta.get("files", {}):
-            return fx.index_from_bytes(self.files.read(name))
+            return fx.unwrap(fx.index_from_bytes(self.files.read(name)))
         self.files.check_size(ivfdata)
         cache = self._cache_dir or tempfile.mkdtemp(prefix="sigregions-index-")
         path = self.files.local_path(name, cache)
@@ -193,7 +196,7 @@ class Searcher:
         if self.files.marker["files"][name]["sha256"] != _sha256_file(path):
             raise storage.StorageError(f"{self.url}: {name} is not the file its {layout.DONE} describes (a build "
                                        "overwrote it and did not finish); rebuild the index")
-        return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+        return fx.unwrap(faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR))
 
     def resolve(self, rows: np.ndarray) -> list[tuple[str, str]]:
         """(image_id, uri) of index rows, reading only the id-map parts that hold them (a few parts are cached).
