@@ -134,20 +134,26 @@ def model_alone(cfg: ModelConfig, files: list[Path], batch_size: int, device: st
             "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None}
 
 
-def ray_job(cfg: ModelConfig, corpus: Path, work: Path, batch_size: int, random: bool, device: str
-            ) -> dict[str, Any]:
-    """The whole job through ``jobs/extract.py`` on a local Ray, in a subprocess."""
+def ray_job(cfg: ModelConfig, corpus: Path, work: Path, batch_size: int, random: bool, device: str,
+            timeout_s: float) -> dict[str, Any]:
+    """The whole job through ``jobs/extract.py`` on a local Ray, in a subprocess (stopped after ``timeout_s``: a hung
+    Ray start must not use up the machine's time and lose the other rows)."""
     out = work / f"out-{cfg.backbone}-{cfg.max_side}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "jobs/extract.py"), "--input", str(corpus), "--output", str(out),
            "--backbone", cfg.backbone, "--max-side", str(cfg.max_side), "--batch-size", str(batch_size),
-           "--shard-size", "256", "--prefetch", "6", "--actor-cpus", "2"]
+           "--shard-size", "256", "--prefetch", "6"]
     if random:
         cmd.append("--random-weights")
-    if device == "cpu":
-        cmd += ["--num-gpus", "0", "--actor-cpus", "1"]
+    # GPU: one actor on the GPU with 2 CPUs for its host work, decode tasks on the other cores. CPU (dry run): one
+    # CPU actor.
+    cmd += ["--num-gpus", "0", "--actor-cpus", "1"] if device == "cpu" else ["--num-gpus", "1", "--actor-cpus", "2"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or "")[-1500:]
+        return {"error": f"stopped after {timeout_s:.0f} s (--ray-timeout); stderr tail: {tail}"}
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
@@ -184,6 +190,7 @@ def main() -> int:
     p.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 model rows")
     p.add_argument("--out", default=os.environ.get("OUT", ""))
     p.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself (small --n)")
+    p.add_argument("--ray-timeout", type=float, default=240.0, help="seconds one Ray job may take before it is stopped")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to measure (--device cpu for a dry run)")
@@ -203,23 +210,32 @@ def main() -> int:
     if args.device == "cuda":
         print(agreement(files), flush=True)
     rows: list[dict[str, Any]] = []
+
+    def save() -> None:  # after every row: a run stopped at its time limit keeps what it measured
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "gpu_bench.json").write_text(json.dumps(rows, indent=2))
+
     for spec in args.configs.split(","):
         backbone, side = spec.split(":")
         cfg = ModelConfig(backbone=backbone, max_side=int(side))
         r = model_alone(cfg, files, args.batch_size, args.device)
         rows.append({"config": spec, "run": "model", **r})
         print(json.dumps(rows[-1]), flush=True)
+        save()
         if not args.no_bf16:
             import dataclasses
 
             rb = model_alone(dataclasses.replace(cfg, precision="bfloat16"), files, args.batch_size, args.device)
             rows.append({"config": spec, "run": "model bf16", **rb})
             print(json.dumps(rows[-1]), flush=True)
+            save()
         if ray_version and not args.no_ray:
-            rj = ray_job(cfg, corpus, work, args.batch_size, r["random_weights"], args.device)
+            rj = ray_job(cfg, corpus, work, args.batch_size, r["random_weights"], args.device, args.ray_timeout)
             rj["ratio_to_model"] = round(rj["images_per_s_wall"] / r["images_per_s"], 3) if "error" not in rj else None
             rows.append({"config": spec, "run": "ray job", **rj})
             print(json.dumps(rows[-1]), flush=True)
+            save()
         if args.device == "cuda":
             torch.cuda.empty_cache()
     print()
@@ -237,9 +253,7 @@ def main() -> int:
                 ", random weights (timing only)" if r["random_weights"] else "")
             print(f"| {r['config']} | {r['run']} | {r['images']} | {r['images_per_s']} | {r['gpu_util_mean']} | "
                   f"{note} |")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "gpu_bench.json").write_text(json.dumps(rows, indent=2))
+    save()
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
