@@ -92,13 +92,26 @@ def make_corpus(root: Path, n: int) -> Path:
     return root
 
 
+def weights_cached(backbone: str) -> bool:
+    """Whether the backbone's ImageNet weights file is in torch hub's cache ($TORCH_HOME: .gpu_weights/ when carried)."""
+    import torchvision
+
+    from pipeline.model.backbones import PRETRAINED
+
+    w = torchvision.models.get_model_weights(backbone)[PRETRAINED[backbone]]
+    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)).is_file()
+
+
 def build(cfg: ModelConfig, device: str) -> tuple[RegionModel, bool]:
-    """The model; with random weights (timing only) when the backbone's ImageNet weights are not available."""
+    """The model; with random weights (timing only) when the backbone's ImageNet weights are not cached. No download
+    is tried: the GPU machine has no internet, and an unreachable network may stall before it fails."""
+    import dataclasses
+
+    if not weights_cached(cfg.backbone):
+        return RegionModel(dataclasses.replace(cfg, random_weights=True), device=device), True
     try:
         return RegionModel(cfg, device=device), False
     except WeightsUnavailable:
-        import dataclasses
-
         return RegionModel(dataclasses.replace(cfg, random_weights=True), device=device), True
 
 
@@ -164,21 +177,25 @@ def ray_job(cfg: ModelConfig, corpus: Path, work: Path, batch_size: int, random:
             run.get("gpu_util_mean_during_infer"), "stage_seconds_summed": run["stage_seconds_summed"]}
 
 
-def agreement(files: list[Path]) -> str:
-    """CUDA and CPU outputs of the default model on a few images (TF32 off)."""
+def agreement(files: list[Path], device: str) -> str:
+    """``device`` (CUDA; a dry run: the CPU) and CPU outputs of the default model on a few images (TF32 off)."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg = ModelConfig(max_side=320)
     dec = [decode_image(f.read_bytes(), max_side=cfg.max_side) for f in files[:6]]
     args = ([d.array for d in dec], [(d.width, d.height) for d in dec])
-    a, b = RegionModel(cfg, device="cpu")(*args), RegionModel(cfg, device="cuda")(*args)
+    torch.manual_seed(0)  # the same random weights in both when none are cached
+    cpu, random = build(cfg, "cpu")
+    torch.manual_seed(0)
+    a, b = cpu(*args), build(cfg, device)[0](*args)
     worst = 0.0
     for x, y in zip(a, b):
         for k in ("global", "crow", "local"):
             worst = max(worst, float(np.abs(x[k] - y[k]).max() / (np.abs(x[k]).max() + 1e-12)))
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = True
-    return f"cuda vs cpu, 6 images, max relative difference {worst:.2e}" + (" (ok)" if worst < 1e-2 else " (TOO LARGE)")
+    return (f"{device} vs cpu, 6 images{', random weights' if random else ''}, max relative difference {worst:.2e}"
+            + (" (ok)" if worst < 1e-2 else " (TOO LARGE)"))
 
 
 def main() -> int:
@@ -207,8 +224,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu_bench_"))
     corpus = make_corpus(work / "corpus", args.n)
     files = sorted(corpus.rglob("*.jpg"))
-    if args.device == "cuda":
-        print(agreement(files), flush=True)
+    print(agreement(files, args.device), flush=True)
     rows: list[dict[str, Any]] = []
 
     def save() -> None:  # after every row: a run stopped at its time limit keeps what it measured
