@@ -215,7 +215,7 @@ def main() -> int:
     try:
         import ray
 
-        ray_version = ray.__version__
+        ray_version = f"{ray.__version__} ({Path(ray.__file__).parent})"
     except ImportError:
         ray_version = ""
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (dry run)"
@@ -259,7 +259,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for r in rows:
         if r["run"] == "ray job":
-            note = (f"error: {r['error'][-200:]}" if "error" in r else
+            note = (f"error: {' '.join(r['error'].split())[-200:]}" if "error" in r else
                     f"wall {r['wall_s']} s incl. start-up; manifest {r['images_per_s_manifest']} img/s; "
                     f"{r['ratio_to_model']}x the model alone; stages {r['stage_seconds_summed']}")
             print(f"| {r['config']} | ray job (jobs/extract.py) | {r.get('images', '')} | "

@@ -236,7 +236,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(threads)
     os.environ["RAY_worker_niceness"] = "0"  # Ray's default 15 would hand the job's CPU to other jobs (see extract_bench)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    for attempt in range(3):  # under heavy load the raylet can miss Ray's fixed 30 s registration window
+        try:
+            ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            break
+        except Exception as e:  # Ray raises a bare Exception for it
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            print(f"# ray.init: {e}; retrying", flush=True)
+            ray.shutdown()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
