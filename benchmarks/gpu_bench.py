@@ -194,7 +194,8 @@ def agreement(files: list[Path], device: str) -> str:
             worst = max(worst, float(np.abs(x[k] - y[k]).max() / (np.abs(x[k]).max() + 1e-12)))
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = True
-    return (f"{device} vs cpu, 6 images{', random weights' if random else ''}, max relative difference {worst:.2e}"
+    weights = ", random weights" if random else ""
+    return (f"{device} vs cpu, {len(dec)} images{weights}, max relative difference {worst:.2e}"
             + (" (ok)" if worst < 1e-2 else " (TOO LARGE)"))
 
 
