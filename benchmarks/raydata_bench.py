@@ -8,7 +8,9 @@ For each corpus size it times, one after another in one process on one local Ray
 - ``data-shards``: the same driver with ``RayDataRunner`` below: the runner's scheduling loop replaced by a Ray Data
   pipeline over shards, ``from_items(shards) -> map(decode_shard) -> map_batches(ShardWorker actor class,
   concurrency=actors, batch_size=1)``, so each row is a shard and the actor writes it and its marker exactly as
-  today (the form that keeps shards as the unit of resume, incremental runs and error rows);
+  today (the form that keeps shards as the unit of resume, incremental runs and error rows); Ray Data fuses the
+  decode step into the actor there (decode then runs inside the actor, serially with inference);
+- ``data-shards-split``: the same with the decode tasks kept apart from the actor (0.99 CPU each: not fused);
 - ``data-images``: Ray Data's idiomatic form, rows = images: ``from_items(records) -> map_batches(decode, tasks) ->
   map_batches(model actor class, concurrency=actors)``, the actor turning each block of ``--shard-size`` images
   into the images table (``worker.run_model_on_shard``, same batching), collected and counted, not written (no
@@ -74,6 +76,11 @@ class RayDataRunner:
     retries run out fails the whole dataset (Ray Data has no per-shard give-up-and-resubmit).
     """
 
+    def __init__(self, fuse: bool = True) -> None:
+        # Ray Data fuses the decode map into the actor stage when their resources match (decode then runs inside the
+        # actor, serially with inference); 0.99 CPU per decode task keeps them apart (decode tasks beside the actor).
+        self.decode_cpus = 1.0 if fuse else 0.99
+
     def start(self, cfg: ExtractConfig) -> None:
         """Start Ray if needed (the actor pool starts with the dataset)."""
         init_ray()
@@ -95,7 +102,7 @@ class RayDataRunner:
                                            max_image_bytes=cfg.max_image_bytes)}
 
         ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-        ds = ds.map(decode, num_cpus=1)
+        ds = ds.map(decode, num_cpus=self.decode_cpus)
         # Ray Data restarts a dead pool actor and retries its calls itself (its own defaults).
         ds = ds.map_batches(ShardActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_actors),
                             num_cpus=cfg.actor_cpus, num_gpus=0,
@@ -195,6 +202,8 @@ def one_run(which: str, cfg: ExtractConfig, threads: int) -> dict[str, Any]:
         return bare_loop(cfg, threads)
     if which == "data-images":
         return data_images(cfg)
+    if which == "data-shards-split":
+        return runner_job(cfg, RayDataRunner(fuse=False))
     return runner_job(cfg, {"runner": RayRunner, "data-shards": RayDataRunner}[which]())
 
 
