@@ -92,13 +92,26 @@ def make_corpus(root: Path, n: int) -> Path:
     return root
 
 
+def weights_cached(backbone: str) -> bool:
+    """Whether the backbone's ImageNet weights file is in torch hub's cache ($TORCH_HOME: .gpu_weights/ when carried)."""
+    import torchvision
+
+    from pipeline.model.backbones import PRETRAINED
+
+    w = torchvision.models.get_model_weights(backbone)[PRETRAINED[backbone]]
+    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)).is_file()
+
+
 def build(cfg: ModelConfig, device: str) -> tuple[RegionModel, bool]:
-    """The model; with random weights (timing only) when the backbone's ImageNet weights are not available."""
+    """The model; with random weights (timing only) when the backbone's ImageNet weights are not cached. No download
+    is tried: the GPU machine has no internet, and an unreachable network may stall before it fails."""
+    import dataclasses
+
+    if not weights_cached(cfg.backbone):
+        return RegionModel(dataclasses.replace(cfg, random_weights=True), device=device), True
     try:
         return RegionModel(cfg, device=device), False
     except WeightsUnavailable:
-        import dataclasses
-
         return RegionModel(dataclasses.replace(cfg, random_weights=True), device=device), True
 
 
@@ -134,20 +147,26 @@ def model_alone(cfg: ModelConfig, files: list[Path], batch_size: int, device: st
             "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None}
 
 
-def ray_job(cfg: ModelConfig, corpus: Path, work: Path, batch_size: int, random: bool, device: str
-            ) -> dict[str, Any]:
-    """The whole job through ``jobs/extract.py`` on a local Ray, in a subprocess."""
+def ray_job(cfg: ModelConfig, corpus: Path, work: Path, batch_size: int, random: bool, device: str,
+            timeout_s: float) -> dict[str, Any]:
+    """The whole job through ``jobs/extract.py`` on a local Ray, in a subprocess (stopped after ``timeout_s``: a hung
+    Ray start must not use up the machine's time and lose the other rows)."""
     out = work / f"out-{cfg.backbone}-{cfg.max_side}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "jobs/extract.py"), "--input", str(corpus), "--output", str(out),
            "--backbone", cfg.backbone, "--max-side", str(cfg.max_side), "--batch-size", str(batch_size),
-           "--shard-size", "256", "--prefetch", "6", "--actor-cpus", "2"]
+           "--shard-size", "256", "--prefetch", "6"]
     if random:
         cmd.append("--random-weights")
-    if device == "cpu":
-        cmd += ["--num-gpus", "0", "--actor-cpus", "1"]
+    # GPU: one actor on the GPU with 2 CPUs for its host work, decode tasks on the other cores. CPU (dry run): one
+    # CPU actor.
+    cmd += ["--num-gpus", "0", "--actor-cpus", "1"] if device == "cpu" else ["--num-gpus", "1", "--actor-cpus", "2"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or "")[-1500:]
+        return {"error": f"stopped after {timeout_s:.0f} s (--ray-timeout); stderr tail: {tail}"}
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
@@ -158,21 +177,26 @@ def ray_job(cfg: ModelConfig, corpus: Path, work: Path, batch_size: int, random:
             run.get("gpu_util_mean_during_infer"), "stage_seconds_summed": run["stage_seconds_summed"]}
 
 
-def agreement(files: list[Path]) -> str:
-    """CUDA and CPU outputs of the default model on a few images (TF32 off)."""
+def agreement(files: list[Path], device: str) -> str:
+    """``device`` (CUDA; a dry run: the CPU) and CPU outputs of the default model on a few images (TF32 off)."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg = ModelConfig(max_side=320)
     dec = [decode_image(f.read_bytes(), max_side=cfg.max_side) for f in files[:6]]
     args = ([d.array for d in dec], [(d.width, d.height) for d in dec])
-    a, b = RegionModel(cfg, device="cpu")(*args), RegionModel(cfg, device="cuda")(*args)
+    torch.manual_seed(0)  # the same random weights in both when none are cached
+    cpu, random = build(cfg, "cpu")
+    torch.manual_seed(0)
+    a, b = cpu(*args), build(cfg, device)[0](*args)
     worst = 0.0
     for x, y in zip(a, b):
         for k in ("global", "crow", "local"):
             worst = max(worst, float(np.abs(x[k] - y[k]).max() / (np.abs(x[k]).max() + 1e-12)))
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = True
-    return f"cuda vs cpu, 6 images, max relative difference {worst:.2e}" + (" (ok)" if worst < 1e-2 else " (TOO LARGE)")
+    weights = ", random weights" if random else ""
+    return (f"{device} vs cpu, {len(dec)} images{weights}, max relative difference {worst:.2e}"
+            + (" (ok)" if worst < 1e-2 else " (TOO LARGE)"))
 
 
 def main() -> int:
@@ -184,6 +208,7 @@ def main() -> int:
     p.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 model rows")
     p.add_argument("--out", default=os.environ.get("OUT", ""))
     p.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself (small --n)")
+    p.add_argument("--ray-timeout", type=float, default=240.0, help="seconds one Ray job may take before it is stopped")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to measure (--device cpu for a dry run)")
@@ -191,7 +216,7 @@ def main() -> int:
     try:
         import ray
 
-        ray_version = ray.__version__
+        ray_version = f"{ray.__version__} ({Path(ray.__file__).parent})"
     except ImportError:
         ray_version = ""
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (dry run)"
@@ -200,26 +225,34 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu_bench_"))
     corpus = make_corpus(work / "corpus", args.n)
     files = sorted(corpus.rglob("*.jpg"))
-    if args.device == "cuda":
-        print(agreement(files), flush=True)
+    print(agreement(files, args.device), flush=True)
     rows: list[dict[str, Any]] = []
+
+    def save() -> None:  # after every row: a run stopped at its time limit keeps what it measured
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "gpu_bench.json").write_text(json.dumps(rows, indent=2))
+
     for spec in args.configs.split(","):
         backbone, side = spec.split(":")
         cfg = ModelConfig(backbone=backbone, max_side=int(side))
         r = model_alone(cfg, files, args.batch_size, args.device)
         rows.append({"config": spec, "run": "model", **r})
         print(json.dumps(rows[-1]), flush=True)
+        save()
         if not args.no_bf16:
             import dataclasses
 
             rb = model_alone(dataclasses.replace(cfg, precision="bfloat16"), files, args.batch_size, args.device)
             rows.append({"config": spec, "run": "model bf16", **rb})
             print(json.dumps(rows[-1]), flush=True)
+            save()
         if ray_version and not args.no_ray:
-            rj = ray_job(cfg, corpus, work, args.batch_size, r["random_weights"], args.device)
+            rj = ray_job(cfg, corpus, work, args.batch_size, r["random_weights"], args.device, args.ray_timeout)
             rj["ratio_to_model"] = round(rj["images_per_s_wall"] / r["images_per_s"], 3) if "error" not in rj else None
             rows.append({"config": spec, "run": "ray job", **rj})
             print(json.dumps(rows[-1]), flush=True)
+            save()
         if args.device == "cuda":
             torch.cuda.empty_cache()
     print()
@@ -227,7 +260,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for r in rows:
         if r["run"] == "ray job":
-            note = (f"error: {r['error'][-200:]}" if "error" in r else
+            note = (f"error: {' '.join(r['error'].split())[-200:]}" if "error" in r else
                     f"wall {r['wall_s']} s incl. start-up; manifest {r['images_per_s_manifest']} img/s; "
                     f"{r['ratio_to_model']}x the model alone; stages {r['stage_seconds_summed']}")
             print(f"| {r['config']} | ray job (jobs/extract.py) | {r.get('images', '')} | "
@@ -237,9 +270,7 @@ def main() -> int:
                 ", random weights (timing only)" if r["random_weights"] else "")
             print(f"| {r['config']} | {r['run']} | {r['images']} | {r['images_per_s']} | {r['gpu_util_mean']} | "
                   f"{note} |")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "gpu_bench.json").write_text(json.dumps(rows, indent=2))
+    save()
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

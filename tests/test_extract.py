@@ -227,6 +227,40 @@ def test_plan_batches_by_aspect_ratio_and_buckets():
     assert worker.padding_waste([(32, 64)], [([0], (64, 64))], 32) == 0.5
 
 
+def test_gpu_sampler_averages_nvml_readings_and_records_why_it_could_not(monkeypatch):
+    """On a CUDA device the sampler averages torch.cuda.utilization; without NVML bindings (nvidia-ml-py missing on a
+    GPU machine: torch raises ModuleNotFoundError) the shard still runs and its marker says why; on CPU: nothing."""
+    import time as _time
+    import types
+
+    import torch
+
+    cuda = types.SimpleNamespace(type="cuda")
+    readings = iter([40.0, 60.0] + [50.0] * 1000)
+    monkeypatch.setattr(torch.cuda, "utilization", lambda device=None: next(readings))
+    with worker.GpuSampler(cuda, every_s=0.001) as s:
+        while len(s.samples) < 3:
+            _time.sleep(0.001)
+    st = s.stats()
+    assert st["gpu_util_samples"] == len(s.samples) >= 3 and "gpu_util_error" not in st
+    assert st["gpu_util_mean"] == round(sum(s.samples) / len(s.samples), 1) and s.samples[:2] == [40.0, 60.0]
+
+    def no_nvml(device=None):
+        raise ModuleNotFoundError("pynvml does not seem to be installed or it can't be imported.")
+
+    monkeypatch.setattr(torch.cuda, "utilization", no_nvml)
+    with worker.GpuSampler(cuda, every_s=0.001) as s:
+        deadline = _time.monotonic() + 30
+        while not s.error and _time.monotonic() < deadline:  # the shard's work, while the thread tries once
+            _time.sleep(0.001)
+    assert s.stats() == {"gpu_util_mean": None, "gpu_util_samples": 0,
+                         "gpu_util_error": "ModuleNotFoundError: pynvml does not seem to be installed or it can't be "
+                                           "imported."}
+    with worker.GpuSampler(torch.device("cpu")) as s:
+        pass
+    assert s.stats() == {}
+
+
 def test_actor_threads_share_the_cpus_without_oversubscribing():
     assert runners.actor_threads(3, 0, 1.0, 16, 4) == 3  # an explicit value wins
     assert runners.actor_threads(0, 0, 1.0, 2, 1) == 2  # one CPU actor: every core (decoding is a small share)
