@@ -156,7 +156,7 @@ from pipeline.reduce.pca import l2n
 s = Searcher(sys.argv[1], model=object())
 rng = np.random.default_rng(1)
 nq = int(sys.argv[2])
-outs = [{k: rng.standard_normal(d).astype(np.float32) for k, d in (("global", 1280), ("local", 1280),
+outs = [{k: rng.standard_normal(d).astype(np.float32) for k, d in (("global", 1280), ("rmac", 1280), ("local", 1280),
         ("crow", 1280), ("gem", 1280))} for _ in range(nq)]
 for o in outs:  # the query's own significant regions: the default re-rank matches them with the candidates'
     o["regions"] = rng.standard_normal((12, 1280)).astype(np.float32)
