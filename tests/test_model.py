@@ -22,7 +22,7 @@ from pipeline.model import descriptors as D
 from pipeline.model.backbones import WeightsUnavailable
 from pipeline.model.proposals import ActivationProposer, activation_proposals
 from pipeline.model.recognition import pool_roi
-from pipeline.model.region_model import RegionModel, merge_levels
+from pipeline.model.region_model import RegionModel, merge_levels, merge_levels_padded
 from pipeline.model.transform import (
     batch_images,
     normalise,
@@ -287,6 +287,28 @@ def test_pyramid_batch_equals_one_by_one(pyramid: RegionModel, mixed) -> None:
 
 
 # --- the composed pieces -----------------------------------------------------------------------------------------
+
+
+def test_merge_levels_padded_equals_merge_levels_per_image() -> None:
+    """The batched merge (one sort for the batch) against merge_levels per image on the same padded levels: ties
+    between levels and -inf padding rows included, identical boxes, scores and descriptors, in the same order."""
+    rng = np.random.default_rng(1)
+    b, k, levels, padded = 5, 4, [], []
+    for width in (3, 4, 2):  # levels padded to different widths, like propose_padded's k' per level
+        scores = torch.from_numpy(-np.sort(-rng.integers(0, 3, (b, width)).astype(np.float32), axis=1))
+        counts = rng.integers(0, width + 1, b)  # real rows per image; the rest is padding
+        for i, n in enumerate(counts):
+            scores[i, n:] = float("-inf")
+        boxes = torch.from_numpy(rng.random((b, width, 4), dtype=np.float32))
+        desc = torch.from_numpy(rng.random((b, width, 3), dtype=np.float32))
+        padded.append((boxes, scores, desc))
+        levels.append((list(boxes.unbind(0)), list(scores.unbind(0)), list(desc.unbind(0))))
+    got = merge_levels_padded(*[[p[j] for p in padded] for j in range(3)], k)
+    assert got[1].shape == (b, k)
+    for i, want in enumerate(merge_levels(levels, k)):
+        for j in range(3):
+            assert torch.equal(got[j][i], want[j]), (i, j)
+    assert torch.isinf(got[1]).any() and (got[1][:, :-1] >= got[1][:, 1:]).all()  # padding present, descending
 
 
 def test_merge_levels_equals_a_simple_reference() -> None:

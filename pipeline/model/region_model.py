@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
 from pipeline.config import ModelConfig, config_hash
 from pipeline.densecap import checkpoint
@@ -163,14 +162,10 @@ class RegionModel:
             props.append(propose_padded(self.proposer, fm, hw_sc, k))
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             descs = self.recognition.describe_levels(fmaps, [b for b, _ in props])
-        # merge_levels is per image (a pure function, shared with the pyramid work): padding rows have score -inf, so
-        # they rank last and are dropped below; the views are taken without any copy to the host.
-        levels = [(list((b / sc).unbind(0)), list(s.unbind(0)), list(d.float().unbind(0)))
-                  for sc, (b, s), d in zip(scales, props, descs)]
-        merged = merge_levels(levels, k)
-        boxes = pad_sequence([m[0] for m in merged], batch_first=True)
-        scores = pad_sequence([m[1] for m in merged], batch_first=True, padding_value=float("-inf"))
-        regions = pad_sequence([m[2] for m in merged], batch_first=True)
+        # The pyramid merge for the whole batch (merge_levels per image, in one sort): padding rows have score -inf,
+        # so they rank last and are dropped in unpack.
+        boxes, scores, regions = merge_levels_padded([b / sc for sc, (b, _) in zip(scales, props)],
+                                                     [s for _, s in props], [d.float() for d in descs], k)
         valid = torch.isfinite(scores)
         cells = cell_sizes(hw, stride, fmap.device)
         mask = valid_mask(cells, fmap.shape[-2], fmap.shape[-1])
@@ -200,6 +195,27 @@ def merge_levels(levels: Sequence[Level], k: int) -> list[tuple[torch.Tensor, to
         order = torch.sort(scores, descending=True, stable=True).indices[:k]
         out.append((boxes[order], scores[order], desc[order]))
     return out
+
+
+def merge_levels_padded(boxes: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], descs: Sequence[torch.Tensor],
+                        k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``merge_levels`` for a whole batch of padded levels in one sort on the device, no loop over images: per image,
+    the levels' rows concatenated in the given order, a stable sort by score descending, the top k. Padding rows
+    (score -inf) rank last, in level order, exactly as ``merge_levels`` ranks them when given the padded rows.
+
+    Args:
+        boxes: per level, (B, k_l, 4) boxes.
+        scores: per level, (B, k_l) scores, -inf on padding rows.
+        descs: per level, (B, k_l, D) region descriptors.
+        k: regions kept per image.
+
+    Returns:
+        (boxes (B, k', 4), scores (B, k') descending, descriptors (B, k', D)), k' = min(k, sum of k_l).
+    """
+    b, s, d = torch.cat(list(boxes), 1), torch.cat(list(scores), 1), torch.cat(list(descs), 1)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    return (b.gather(1, order[..., None].expand(-1, -1, b.shape[-1])), s.gather(1, order),
+            d.gather(1, order[..., None].expand(-1, -1, d.shape[-1])))
 
 
 def unpack(vectors: dict[str, torch.Tensor], boxes: torch.Tensor, scores: torch.Tensor, regions: torch.Tensor,
