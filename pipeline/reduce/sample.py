@@ -74,7 +74,7 @@ def sample_shard(task: tuple[int, fstore.LiveShardRef], plan: tk.Plan, size: int
     """
     _, ref = task
     keep = fstore.live_ids(ref, plan.so)
-    t = fstore.read_live_shard(ref, fstore.IMAGES_DIR, tk.IMAGE_COLUMNS, plan.so, keep=keep)
+    t = fstore.read_live_shard(ref, fstore.IMAGES_DIR, plan.image_columns, plan.so, keep=keep)
     t = t.filter(pc.equal(t.column("status"), imgs.OK))
     ids = np.array(t.column("image_id").to_pylist(), dtype=str)
     keys = sample_keys(ids.tolist())

@@ -26,7 +26,6 @@ from pipeline.store import region_store as rs
 SPACES = ("fused", "crow")
 PCA_FILE = {"fused": layout.PCA_FUSED, "crow": layout.PCA_CROW}
 INDEX_FILE = {"fused": layout.INDEX_FUSED, "crow": layout.INDEX_CROW}
-IMAGE_COLUMNS = ["uri", "status", "global", "rmac", "local", "crow"]  # rmac: the fused vector's global+rmac part
 REGION_COLUMNS = ["rank", "descriptor", "box"]
 RECALL_K = 10  # recall@10 is what the index choice is judged by
 
@@ -54,6 +53,11 @@ class Plan:
     codec: str
     key: str
     fuse_global: str
+
+    @property
+    def image_columns(self) -> list[str]:
+        """The image columns a task reads: uri, status, the fused vector's descriptors (by ``fuse_global``), CroW."""
+        return ["uri", "status", *fuse_columns(self.fuse_global), "crow"]
 
     @property
     def work(self) -> str:
@@ -164,7 +168,7 @@ def reduce_shard(task: tuple[int, fstore.LiveShardRef], plan: Plan) -> dict[str,
     # tables are filtered by them: the task holds one shard, never the corpus's id set.
     keep = fstore.live_ids(ref, plan.so)
     live = {kind: fstore.read_live_shard(ref, kind, cols, plan.so, keep=keep)
-            for kind, cols in ((fstore.IMAGES_DIR, IMAGE_COLUMNS), (fstore.REGIONS_DIR, REGION_COLUMNS))}
+            for kind, cols in ((fstore.IMAGES_DIR, plan.image_columns), (fstore.REGIONS_DIR, REGION_COLUMNS))}
     t = live[fstore.IMAGES_DIR]
     t = t.filter(pc.equal(t.column("status"), imgs.OK)).sort_by("image_id")
     marker: dict[str, Any] = {"shard": name, "key": plan.key, "images": t.num_rows, "regions": 0, "files": {}}
