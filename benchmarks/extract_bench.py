@@ -5,8 +5,8 @@ For a corpus and for the 10x corpus (data/caltech8's 80 images replicated under 
 - ``ray``:  ``pipeline.extract.driver.run`` with a ``RayRunner`` end to end (listing, actor start and model load,
   decode tasks, batched inference, Parquet writes, done-markers, manifest), timed around the call;
 - ``bare``: one process, no Ray, no output: decode_image + RegionModel in batches over the same images, with the same
-  max_side, batch size, size-sorted batches per shard-sized chunk, and the same torch thread count (model load
-  included),
+  max_side, batch size, size-sorted batches per shard-sized chunk, every core as torch threads (``--threads``; model
+  load included, the torch import not: the process has it already, while the job's actors import it),
 
 their ratio, the Ray run's summed stage seconds, and peak memory: the sum over the driver and every process it
 started (Ray's GCS, raylet and workers), sampled every ``--sample-s`` seconds with psutil when installed, else from
@@ -15,6 +15,7 @@ started (Ray's GCS, raylet and workers), sampled every ``--sample-s`` seconds wi
 
     python benchmarks/extract_bench.py                      # 160 and 1600 images, max_side 224, 2 CPUs
     python benchmarks/extract_bench.py --sizes 80 --cpus 4 --threads 3 --actor-cpus 3
+    python benchmarks/extract_bench.py --sizes 480 --num-actors 1 --ray-threads 2   # the layout before: one actor
 """
 
 from __future__ import annotations
@@ -249,7 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--sizes", default="160,1600", help="corpus sizes, comma-separated (default: a corpus and 10x)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
-    p.add_argument("--threads", type=int, default=0, help="torch threads in the actor and the bare loop; 0 = all cores")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the bare loop; 0 = all cores")
+    p.add_argument("--ray-threads", type=int, default=0,
+                   help="torch threads per model actor of the Ray job; 0 = the job's default (actor_layout: on this "
+                        "CPU-only Ray, the CPUs shared among the actors). Before the CPU layout change the job ran "
+                        "one actor with every core: --num-actors 1 --ray-threads <cpus>")
+    p.add_argument("--num-actors", type=int, default=0, help="model actors of the Ray job; 0 = the job's default")
     p.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs reserved per model actor")
     p.add_argument("--max-side", type=int, default=224)
     p.add_argument("--regions", type=int, default=6)
@@ -275,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read by the raylet that ray.init starts
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     print(f"# extract_bench: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Ray {ray.__version__} with {args.cpus} CPUs, torch {torch.__version__} with {threads} threads, "
+          f"Ray {ray.__version__} with {args.cpus} CPUs, torch {torch.__version__}, bare loop {threads} threads, "
+          f"Ray job: actors {args.num_actors or 'auto'} x threads {args.ray_threads or 'auto'}, "
           f"max_side {args.max_side}, regions {args.regions}, shard {args.shard_size}, batch {args.batch_size}, "
           f"actor_cpus {args.actor_cpus}, prefetch {args.prefetch}, worker niceness {args.worker_niceness}, "
           f"load avg {os.getloadavg()[0]:.1f}", flush=True)
@@ -286,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = from_dict(ExtractConfig, {
                 "input": str(src), "output": str(work / f"out{n}"), "max_side": args.max_side,
                 "regions": args.regions, "shard_size": args.shard_size, "batch_size": args.batch_size,
-                "threads": threads, "actor_cpus": args.actor_cpus, "prefetch": args.prefetch, "num_gpus": 0})
+                "threads": args.ray_threads, "num_actors": args.num_actors, "actor_cpus": args.actor_cpus,
+                "prefetch": args.prefetch, "num_gpus": 0})
             runs: dict[str, Any] = {}
             order = ["bare", "ray"] if args.order == "bare-first" else ["ray", "bare"]
             for which in order:

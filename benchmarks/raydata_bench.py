@@ -48,7 +48,7 @@ from extract_bench import bare_loop, make_corpus, measure
 from pipeline.config import ExtractConfig, ModelConfig, from_dict
 from pipeline.extract import driver
 from pipeline.extract.plan import DecodedShard, Shard
-from pipeline.extract.runners import RayRunner, actor_threads, init_ray
+from pipeline.extract.runners import RayRunner, init_ray
 from pipeline.extract.worker import ShardWorker, decode_shard, run_model_on_shard
 from pipeline.io import images as imgs
 from pipeline.io import listing, storage
@@ -95,7 +95,7 @@ class RayDataRunner:
         so = cfg.fs_options
         cpus = ray.cluster_resources().get("CPU", 1.0)
         n_actors = max(1, cfg.num_actors or 1)
-        threads = actor_threads(cfg.threads, 0.0, cfg.actor_cpus, cpus, n_actors)
+        threads = cfg.threads or max(1, int(cpus // n_actors))  # the CPUs shared among the pool's actors
 
         def decode(row: dict[str, Any]) -> dict[str, Any]:
             return {"dshard": decode_shard(row["shard"], cfg.max_side, cfg.max_pixels, so,
@@ -166,7 +166,7 @@ def data_images(cfg: ExtractConfig) -> dict[str, Any]:
     records = listing.list_images(cfg.input)
     rows = [{"image_id": r.image_id, "uri": r.uri, "fingerprint": r.fingerprint} for r in records]
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    threads = actor_threads(cfg.threads, 0.0, cfg.actor_cpus, cpus, 1)
+    threads = cfg.threads or max(1, int(cpus))  # one actor: every CPU
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // cfg.shard_size)))
     ds = ds.map_batches(decode_block, batch_size=cfg.shard_size, num_cpus=1,
                         fn_kwargs={"max_side": cfg.max_side, "max_pixels": cfg.max_pixels})

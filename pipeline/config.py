@@ -174,12 +174,12 @@ class ExtractConfig(ModelConfig, HasStorage):
     output: str = _opt("", "output URL (local path, file://, s3://...)", required=True)
     shard_size: int = _opt(256, "images per shard (the unit of work, failure and retry)")
     batch_size: int = _opt(16, "images per forward pass")
-    num_actors: int = _opt(0, "model actors; 0 = one per GPU, or one on a CPU-only cluster")
+    num_actors: int = _opt(0, "model actors; 0 = one per GPU, or on a CPU-only cluster one per actor_cpus CPUs "
+                              "(each decoding its own shards)")
     num_gpus: float = _opt(-1.0, "GPUs per model actor; -1 = 1 when the cluster has GPUs, else 0")
-    threads: int = _opt(0, "torch CPU threads per actor; 0 = auto: a GPU actor's reserved CPUs, or the cluster's "
-                           "CPUs shared among CPU actors (all cores in-process)")
+    threads: int = _opt(0, "torch CPU threads per actor; 0 = auto: the actor's reserved CPUs (all cores in-process)")
     actor_cpus: float = _opt(1.0, "CPUs reserved per model actor")
-    prefetch: int = _opt(2, "decoded shards in flight per actor (pipelining decode with inference)")
+    prefetch: int = _opt(2, "shards in flight per actor, decoded ahead of it (pipelining decode with inference)")
     pad_step: int = _opt(0, "pad each batch to its largest image rounded up to this many pixels, so batches come "
                             "in fewer shapes (GPU autotuning pays once per shape); 0: to the backbone's stride. More "
                             "padding changes features near image borders (see BENCHMARKS.md)")

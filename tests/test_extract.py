@@ -261,13 +261,27 @@ def test_gpu_sampler_averages_nvml_readings_and_records_why_it_could_not(monkeyp
     assert s.stats() == {}
 
 
-def test_actor_threads_share_the_cpus_without_oversubscribing():
-    assert runners.actor_threads(3, 0, 1.0, 16, 4) == 3  # an explicit value wins
-    assert runners.actor_threads(0, 0, 1.0, 2, 1) == 2  # one CPU actor: every core (decoding is a small share)
-    assert runners.actor_threads(0, 0, 1.0, 16, 4) == 4  # four CPU actors: a quarter each, not 4 x 16 threads
-    assert runners.actor_threads(0, 0, 1.0, 2, 8) == 1
-    assert runners.actor_threads(0, 1, 1.0, 96, 8) == 1  # GPU actors: their reserved CPUs, cores left to decoding
-    assert runners.actor_threads(0, 0.5, 2.5, 96, 8) == 3
+def test_actor_layout_shares_the_cpus_without_oversubscribing():
+    def layout(cpus: float, gpus: float, **kw: Any) -> tuple[int, float, int, bool]:
+        cfg = from_dict(ExtractConfig, {"output": "/tmp/unused", **kw})
+        lay = runners.actor_layout(cfg, cpus, gpus)
+        return lay.actors, lay.num_gpus, lay.threads, lay.decode_in_actor
+
+    # CPU-only: one single-threaded replica per CPU, each decoding its own shards (no CPU is left for decode tasks)
+    assert layout(2, 0) == (2, 0.0, 1, True)
+    assert layout(16, 0) == (16, 0.0, 1, True)
+    assert layout(16, 0, actor_cpus=4) == (4, 0.0, 4, True)
+    assert layout(3, 0, actor_cpus=2) == (1, 0.0, 3, True)  # the cores are shared out, none left idle
+    assert layout(16, 0, threads=3) == (5, 0.0, 3, True)  # explicit threads: actors counted at 3 CPUs each
+    assert layout(16, 0, num_actors=4) == (4, 0.0, 4, True)  # four actors: a quarter each, not 4 x 16 threads
+    assert layout(2, 0, num_actors=8) == (8, 0.0, 1, True)
+    assert layout(16, 0, num_actors=2, threads=3) == (2, 0.0, 3, True)  # explicit values win
+    assert layout(2, 0, actor_cpus=0) == (2, 0.0, 1, True)
+    # GPUs: one actor per GPU with its reserved CPUs as threads (the cores are left to the decode tasks)
+    assert layout(96, 8) == (8, 1.0, 1, False)
+    assert layout(96, 8, num_gpus=0.5, actor_cpus=2.5) == (16, 0.5, 3, False)
+    assert layout(96, 8, num_gpus=0) == (96, 0.0, 1, True)  # GPUs present but not asked for: a CPU run
+    assert layout(96, 8, num_actors=2, threads=6) == (2, 1.0, 6, False)
 
 
 def test_decode_shard_turns_fetch_failures_into_retryable_rows(tmp_path: Path):
@@ -586,6 +600,8 @@ def test_run_ray_on_a_local_dir_survives_an_actor_killed_mid_shard(ray_local, co
     caplog.set_level(logging.INFO, logger="pipeline")
     manifest = driver.run(_cfg(corpus, out), RayRunner(), progress_every_s=0.5)
     assert flag.exists() and int(flag.read_text()) != os.getpid()  # it died, in another process
+    # the default layout on this CPU-only cluster: two single-threaded actors, each decoding its own shards
+    assert "2 model actor(s), 0 GPU, 1 CPU and 1 torch threads each; decoding in the model actors" in caplog.text
     run = manifest["run"]
     assert SUMMARY_KEYS <= set(run)
     assert (run["images"], run["ok"], run["errors"], run["shards"], run["planned_shards"], run["regions"]) == \
@@ -597,6 +613,20 @@ def test_run_ray_on_a_local_dir_survives_an_actor_killed_mid_shard(ray_local, co
     monkeypatch.undo()
     again = driver.run(_cfg(corpus, out), RayRunner())["run"]  # nothing left to do: no actor is even started
     assert (again["images"], again["skipped_already_done"], again["planned_shards"]) == (0, 8, 0)
+
+
+@pytest.mark.slow
+def test_run_ray_with_decode_tasks_feeding_one_actor_matches_the_model(ray_local, corpus: Path, tmp_path: Path, model,
+                                                                       monkeypatch, caplog):
+    # The GPU clusters' layout (decode tasks on the CPUs feeding one actor per GPU), here on CPU.
+    monkeypatch.setattr(runners, "actor_layout", lambda cfg, cpus, gpus: runners.ActorLayout(1, 0.0, 1, False))
+    caplog.set_level(logging.INFO, logger="pipeline")
+    out = tmp_path / "out"
+    manifest = driver.run(_cfg(corpus, out), RayRunner())
+    assert "1 model actor(s), 0 GPU, 1 CPU and 1 torch threads each; decoding in CPU tasks feeding them" in caplog.text
+    assert (manifest["run"]["images"], manifest["run"]["ok"], manifest["run"]["shards"]) == (8, 8, 3)
+    _assert_exactly_once(str(out), SAME_SIZE)
+    _assert_matches(str(out), _reference(model, _files(corpus, SAME_SIZE)))
 
 
 @pytest.mark.slow

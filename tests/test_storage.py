@@ -9,6 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -237,3 +238,23 @@ def test_write_helpers_roundtrip(tmp_path: Path):
     assert fstore.shard_id(3, 12) == "g00003-000012"
     assert time.time() - fstore.now() < 5
     shutil.rmtree(tmp_path / "x")
+
+
+def test_parquet_dictionary_encodes_repeating_columns_and_never_feature_vectors():
+    rng = np.random.default_rng(0)
+    vec = rng.standard_normal((64, 32)).astype(np.float32)
+    t = pa.table({
+        "image_id": [f"img{i}" for i in range(64)], "status": ["ok"] * 64, "n": np.arange(64, dtype=np.int32),
+        "score": rng.random(64).astype(np.float32),
+        "vec": pa.FixedSizeListArray.from_arrays(pa.array(vec.ravel()), 32),
+        "vec16": pa.array(list(vec.astype(np.float16)), pa.list_(pa.float16())),
+        "boxes": pa.array([[[0.0, 1.0]]] * 64, pa.list_(pa.list_(pa.float32()))),
+    })
+    assert storage.dictionary_columns(t.schema) == ["image_id", "status", "n"]
+    data = storage.parquet_bytes(t)
+    meta = pq.ParquetFile(pa.BufferReader(data)).metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i).encodings for i in range(meta.num_columns)}
+    assert "RLE_DICTIONARY" in encodings["status"] and "RLE_DICTIONARY" in encodings["image_id"]
+    for name in ("score", "vec", "vec16", "boxes"):
+        assert "RLE_DICTIONARY" not in encodings[name] and "PLAIN_DICTIONARY" not in encodings[name], name
+    assert storage.parquet_from_bytes(data).equals(t)  # the encoding is invisible to readers

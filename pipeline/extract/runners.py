@@ -6,6 +6,7 @@ import logging
 import math
 import os
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from pipeline.config import ExtractConfig
@@ -72,19 +73,22 @@ class LocalRunner:
 
 
 class RayRunner:
-    """Runs shards on a Ray cluster: decode tasks on CPU workers feeding model actors (GPU or CPU).
+    """Runs shards on a Ray cluster: one model actor per GPU fed by decode tasks on the CPUs, or on a CPU-only
+    cluster one model actor per ``actor_cpus`` CPUs decoding its own shards (``actor_layout``).
 
     ``start`` joins the cluster in RAY_ADDRESS, or starts a local Ray instance, and starts the model actors and
     warms them (``ShardWorker.warm``) without waiting, so they load while the driver lists and plans the input. The
     driver calls it once the input and output are checked; a run that turns out to have nothing to do then stops the
-    actors again (``close``). Decode tasks run ahead of the model actors by ``cfg.prefetch`` shards per actor so
-    decoding, inference and writing overlap, and at most that many decoded shards exist at once (memory stays flat as
-    the corpus grows). A shard whose actor dies is resubmitted, up to ``SHARD_ATTEMPTS`` runs.
+    actors again (``close``). Each actor is given up to ``cfg.prefetch`` shards at once, decoded ahead of it (by
+    decode tasks, or by the actor's other call threads) so that decoding, inference and writing overlap, and at most
+    that many decoded shards exist at once (memory stays flat as the corpus grows). A shard whose actor dies is
+    resubmitted, up to ``SHARD_ATTEMPTS`` runs.
     """
 
     def __init__(self) -> None:
         self.actors: list[Any] = []
         self.warming: list[Any] = []
+        self.layout: ActorLayout | None = None
         self.cfg: ExtractConfig | None = None
 
     def start(self, cfg: ExtractConfig) -> None:
@@ -94,23 +98,24 @@ class RayRunner:
         if self.actors:
             return
         init_ray()
-        gpus = ray.cluster_resources().get("GPU", 0.0)
-        num_gpus = cfg.num_gpus if cfg.num_gpus >= 0 else (1.0 if gpus >= 1 else 0.0)
-        n_actors = max(1, cfg.num_actors or (max(1, int(gpus // num_gpus)) if num_gpus > 0 else 1))
-        cpus = ray.cluster_resources().get("CPU", 1.0)
-        threads = actor_threads(cfg.threads, num_gpus, cfg.actor_cpus, cpus, n_actors)
-        log.info("%d model actor(s), %.2g GPU, %.2g CPU and %d torch threads each", n_actors, num_gpus, cfg.actor_cpus,
-                 threads)
+        res = ray.cluster_resources()
+        layout = actor_layout(cfg, res.get("CPU", 1.0), res.get("GPU", 0.0))
+        log.info("%d model actor(s), %.2g GPU, %.2g CPU and %d torch threads each; decoding %s", layout.actors,
+                 layout.num_gpus, cfg.actor_cpus, layout.threads,
+                 "in the model actors" if layout.decode_in_actor else "in CPU tasks feeding them")
         # max_task_retries > 0: a call whose actor process died is retried by Ray on the restarted actor. With 0, the
         # resubmitted shard reached the actor while it was still restarting and failed at once (ActorUnavailableError),
         # so one crash used up every attempt within a second and failed the job. Shards are idempotent (same shard
-        # id, files overwritten, marker last), so re-running one is safe.
-        actor_cls = ray.remote(num_cpus=cfg.actor_cpus, num_gpus=num_gpus, max_restarts=-1,
-                               max_task_retries=max(0, SHARD_ATTEMPTS - 1))(ShardWorker)
+        # id, files overwritten, marker last), so re-running one is safe. An actor that decodes its own shards runs
+        # ``prefetch`` calls at once: the next shards decode in their threads while one holds the model.
+        actor_cls = ray.remote(num_cpus=cfg.actor_cpus, num_gpus=layout.num_gpus, max_restarts=-1,
+                               max_task_retries=max(0, SHARD_ATTEMPTS - 1),
+                               max_concurrency=cfg.prefetch if layout.decode_in_actor else 1)(ShardWorker)
         self.actors = [actor_cls.remote(model_config=cfg.model_config(), output=cfg.output, batch_size=cfg.batch_size,
-                                        float16=cfg.float16, threads=threads, storage_options=cfg.fs_options,
-                                        pad_step=cfg.pad_step) for _ in range(n_actors)]
+                                        float16=cfg.float16, threads=layout.threads, storage_options=cfg.fs_options,
+                                        pad_step=cfg.pad_step) for _ in range(layout.actors)]
         self.warming = [a.warm.remote() for a in self.actors]
+        self.layout = layout
         self.cfg = cfg
 
     def close(self) -> None:
@@ -139,6 +144,7 @@ class RayRunner:
             ray.kill(extra, no_restart=True)
         actors = self.actors[: max(1, len(shards))]
         n_actors = len(actors)
+        in_actor = self.layout is not None and self.layout.decode_in_actor
         decode = ray.remote(num_cpus=1, max_retries=SHARD_ATTEMPTS)(decode_shard)
         counter = ray.remote(num_cpus=0)(ImageCounter).remote()  # the actors' image-level progress, batch by batch
         on_images = CountTo(counter)
@@ -151,8 +157,12 @@ class RayRunner:
                 while queue and len(inflight) < n_actors * cfg.prefetch:
                     shard, attempt = queue.popleft()
                     a = min(range(n_actors), key=load.__getitem__)
-                    dref = decode.remote(shard, cfg.max_side, cfg.max_pixels, so, max_image_bytes=cfg.max_image_bytes)
-                    ref = actors[a].run.remote(dref, on_images)
+                    if in_actor:
+                        ref = actors[a].decode_and_run.remote(shard, cfg.max_pixels, cfg.max_image_bytes, on_images)
+                    else:
+                        dref = decode.remote(shard, cfg.max_side, cfg.max_pixels, so,
+                                             max_image_bytes=cfg.max_image_bytes)
+                        ref = actors[a].run.remote(dref, on_images)
                     inflight[ref] = (shard, a, attempt)
                     load[a] += 1
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress.tick_s)
@@ -223,24 +233,40 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def actor_threads(threads: int, num_gpus: float, actor_cpus: float, cluster_cpus: float, n_actors: int) -> int:
-    """Torch CPU threads per model actor.
+@dataclass(frozen=True)
+class ActorLayout:
+    """How a run's model actors use the cluster (see ``actor_layout``)."""
+
+    actors: int  # model actors
+    num_gpus: float  # GPUs per actor
+    threads: int  # torch CPU threads per actor
+    decode_in_actor: bool  # actors decode their own shards (CPU-only clusters), else CPU tasks decode for them
+
+
+def actor_layout(cfg: ExtractConfig, cluster_cpus: float, cluster_gpus: float) -> ActorLayout:
+    """Model actors, their GPUs and torch threads, and where decoding runs, for a cluster (pure).
 
     Args:
-        threads: the config's value; > 0 is used as given.
-        num_gpus: GPUs per actor.
-        actor_cpus: CPUs reserved per actor.
-        cluster_cpus: CPUs of the cluster.
-        n_actors: model actors of the run.
+        cfg: the run's config (``num_actors``, ``num_gpus``, ``threads``, ``actor_cpus``: 0/-1 = auto).
+        cluster_cpus, cluster_gpus: the cluster's resources.
 
     Returns:
-        ``threads`` if set; else on GPU actors the actor's reserved CPUs (the GPU does the arithmetic; more threads
-        would only compete with the decode tasks), and on CPU actors the cluster's CPUs shared among the actors (each
-        actor used to take every core of its node, so k actors on a node ran k x cores threads: oversubscribed
-        intra-op threads stall on each other, several times slower than one thread per core here).
+        On a cluster with GPUs: one actor per GPU (``num_gpus`` each), each with as many torch threads as CPUs it
+        reserves (the GPU does the arithmetic; more threads would only compete with decoding), fed by decode tasks
+        on the other CPUs. On a CPU-only cluster: one actor per ``actor_cpus`` CPUs (per ``threads`` CPUs when that
+        is set and larger), the cluster's CPUs shared among them as torch threads, each actor decoding its own
+        shards in threads while it infers. Several model replicas with few threads each beat one replica with every
+        core as intra-op threads (on 2 cores: two 1-thread processes 31.9 images/s, one 2-thread process 24.4,
+        BENCHMARKS.md); the actors own the cores, so there is no CPU left to reserve for decode tasks, and decoding
+        in the actor keeps the pixels out of the object store. Explicit ``num_actors`` / ``threads`` win.
     """
-    if threads > 0:
-        return threads
+    num_gpus = cfg.num_gpus if cfg.num_gpus >= 0 else (1.0 if cluster_gpus >= 1 else 0.0)
+    per_actor = max(1, math.ceil(cfg.actor_cpus))
     if num_gpus > 0:
-        return max(1, math.ceil(actor_cpus))
-    return max(1, int(cluster_cpus // max(1, n_actors)))
+        actors = cfg.num_actors or max(1, int(cluster_gpus // num_gpus))
+        return ActorLayout(actors, num_gpus, cfg.threads or per_actor, decode_in_actor=False)
+    actors = cfg.num_actors or max(1, int(cluster_cpus // max(per_actor, cfg.threads)))
+    # Shared, not per_actor each: 3 CPUs and actor_cpus 2 make one actor with 3 threads, not 2 (k actors on a node
+    # each taking every core would run k x cores threads: oversubscribed intra-op threads stall on each other).
+    threads = cfg.threads or max(1, int(cluster_cpus // actors))
+    return ActorLayout(actors, 0.0, threads, decode_in_actor=True)

@@ -283,7 +283,7 @@ class ShardWorker:
         batch_size: images per forward pass.
         float16: store vectors as float16.
         threads: torch CPU threads (0 = all cores of this machine; the Ray runner passes its own choice, see
-            pipeline.extract.runners.actor_threads).
+            pipeline.extract.runners.actor_layout).
         storage_options: fsspec options.
         pad_step: batches padded to buckets of this many pixels (see ``transform.padded_size``); 0: each batch to
             its own largest image.
@@ -303,6 +303,9 @@ class ShardWorker:
         stride = self.model.backbone.stride
         self.bucket = functools.partial(padded_size, max_side=model_config.max_side, stride=stride,
                                         step=pad_step) if pad_step > 0 else None
+        # An actor that decodes its own shards runs several calls at once (Ray threads): they decode side by side,
+        # but one at a time runs the model (concurrent forward passes would only split the same torch threads).
+        self._model_lock = threading.Lock()
 
     def warm(self) -> float:
         """Run the model once on a small blank batch (lazy kernel set-up, memory pools, the first autotuning), so the
@@ -310,13 +313,14 @@ class ShardWorker:
         t0 = time.perf_counter()
         side = self.model.config.max_side
         images = [np.zeros((side, side * 3 // 4, 3), np.uint8)] * min(2, self.batch_size)
-        self.model(images, [(side * 3 // 4, side)] * len(images))
+        with self._model_lock:  # a threaded actor may already be running a shard's call
+            self.model(images, [(side * 3 // 4, side)] * len(images))
         return time.perf_counter() - t0
 
     def run(self, dshard: DecodedShard, on_images: Callable[[int], Any] | None = None) -> dict[str, Any]:
         """Process one decoded shard end to end; returns its marker (with per-stage timings). ``on_images`` is told
         how many images each batch finished (see ``run_model_on_shard``)."""
-        with GpuSampler(self.model.device) as gpu:
+        with self._model_lock, GpuSampler(self.model.device) as gpu:
             itab, rtab, stats = run_model_on_shard(self.model, dshard, self.batch_size, self.float16, on_images,
                                                    self.bucket)
         stats.update(gpu.stats())
@@ -325,3 +329,20 @@ class ShardWorker:
         log.info("shard %s: %d images (%d ok), read %.2fs infer %.2fs write %.2fs", dshard.shard.shard_id,
                  s["images"], s["ok"], s["read_s"], s["infer_s"], s["write_s"])
         return marker
+
+    def decode_and_run(self, shard: Shard, max_pixels: int, max_image_bytes: int | None = None,
+                       on_images: Callable[[int], Any] | None = None) -> dict[str, Any]:
+        """Decode a shard here (``decode_shard`` at the model's max_side), then ``run`` it: what a model actor on a
+        CPU-only cluster does with each shard, decoding the next ones in its other call threads meanwhile.
+
+        Args:
+            shard: the shard.
+            max_pixels, max_image_bytes: as ``decode_shard``'s.
+            on_images: as ``run``'s.
+
+        Returns:
+            The shard's marker.
+        """
+        dshard = decode_shard(shard, self.model.config.max_side, max_pixels, self.storage_options,
+                              max_image_bytes=max_image_bytes)
+        return self.run(dshard, on_images)
