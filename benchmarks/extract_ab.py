@@ -31,16 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extract_bench import make_corpus  # noqa: E402
 
 
-def parse_arm(text: str) -> tuple[str, Path, str]:
-    """``label=checkout:runner`` -> (label, checkout, runner); runner is ``ray`` or ``in-process``."""
+def parse_arm(text: str) -> tuple[str, Path, str, list[str]]:
+    """``label=checkout:runner[:flags]`` -> (label, checkout, runner, extra flags); runner is ``ray`` or
+    ``in-process``; flags (space-separated) are added to that arm's command only."""
     label, _, rest = text.partition("=")
-    checkout, _, runner = rest.rpartition(":")
+    checkout, _, rest = rest.partition(":")
+    runner, _, extra = rest.partition(":")
     if not label or not checkout or runner not in ("ray", "in-process"):
-        raise SystemExit(f"--arm {text!r}: expected label=checkout:ray or label=checkout:in-process")
+        raise SystemExit(f"--arm {text!r}: expected label=checkout:ray[:flags] or label=checkout:in-process[:flags]")
     root = Path(checkout).resolve()
     if not (root / "jobs" / "extract.py").is_file():
         raise SystemExit(f"--arm {text!r}: {root} has no jobs/extract.py")
-    return label, root, runner
+    return label, root, runner, extra.split()
 
 
 def run_once(root: Path, runner: str, corpus: Path, out: Path, flags: list[str]) -> dict[str, float]:
@@ -67,8 +69,9 @@ def run_once(root: Path, runner: str, corpus: Path, out: Path, flags: list[str])
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--arm", action="append", required=True, help="label=checkout:runner (ray | in-process); "
-                                                                   "ratios are to the first arm")
+    p.add_argument("--arm", action="append", required=True,
+                   help="label=checkout:runner[:flags] (runner: ray | in-process; flags: that arm's extra extract "
+                        "flags, e.g. 'one-actor=.:ray:--num-actors 1 --threads 2'); ratios are to the first arm")
     p.add_argument("--n", type=int, default=480, help="images")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--flags", default="--max-side 224 --regions 6 --shard-size 32 --batch-size 16",
@@ -82,14 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     corpus = make_corpus(work / "corpus", args.n)
     flags = args.flags.split()
     print(f"# extract_ab: {os.cpu_count()} cores, {args.n} images, flags {args.flags!r}, load avg "
-          f"{os.getloadavg()[0]:.1f}; arms: " + ", ".join(f"{lab}={root}:{r}" for lab, root, r in arms), flush=True)
-    results: dict[str, list[dict[str, float]]] = {lab: [] for lab, _, _ in arms}
+          f"{os.getloadavg()[0]:.1f}; arms: " + ", ".join(f"{lab}={root}:{r}:{' '.join(x)}" for lab, root, r, x in arms),
+          flush=True)
+    results: dict[str, list[dict[str, float]]] = {lab: [] for lab, _, _, _ in arms}
     try:
         for rnd in range(args.rounds):
             k = rnd % len(arms)
-            for lab, root, runner in arms[k:] + arms[:k]:  # rotate who goes first
+            for lab, root, runner, extra in arms[k:] + arms[:k]:  # rotate who goes first
                 out = work / f"out-{lab}-{rnd}"
-                r = run_once(root, runner, corpus, out, flags)
+                r = run_once(root, runner, corpus, out, flags + extra)
                 shutil.rmtree(out, ignore_errors=True)
                 results[lab].append(r)
                 print(f"round {rnd} {lab:>14}: {r['images_per_s']:6.2f} img/s over the process "
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"({r['manifest_elapsed_s']:.1f} s) | load {r['load_avg_1m']} | {r['layout']}", flush=True)
         first = arms[0][0]
         print("# median images/s over the process (ratio to the first arm per round: median [min, max])")
-        for lab, _, _ in arms:
+        for lab, _, _, _ in arms:
             rates = [r["images_per_s"] for r in results[lab]]
             ratios = [a["images_per_s"] / b["images_per_s"] for a, b in zip(results[lab], results[first])]
             print(f"{lab:>14}: {statistics.median(rates):6.2f} img/s | vs {first}: {statistics.median(ratios):.3f} "
