@@ -616,6 +616,45 @@ def test_run_ray_on_a_local_dir_survives_an_actor_killed_mid_shard(ray_local, co
 
 
 @pytest.mark.slow
+def test_run_ray_finishes_on_the_live_actors_when_a_dead_one_cannot_be_replaced(ray_local, corpus: Path,
+                                                                                tmp_path: Path, model, monkeypatch,
+                                                                                caplog):
+    # As when a node is lost and the survivors' CPUs are all held by their own actors: the replacement of the actor
+    # that died never starts. Its shard must go to the live actor, not wait for the replacement (the run used to hang).
+    import threading
+
+    import ray
+
+    flag = tmp_path / "killed-once"
+
+    class DiesOnce(worker.ShardWorker):
+        def run(self, dshard, on_images=None):
+            if dshard.shard.shard_id.endswith("-000001") and not flag.exists():
+                flag.write_text(str(os.getpid()))
+                os._exit(1)
+            return super().run(dshard, on_images)
+
+    class NoRoomForReplacements(RayRunner):
+        def start(self, cfg: ExtractConfig) -> None:
+            super().start(cfg)
+            self.make_actor = ray.remote(num_cpus=1, resources={"no-such-resource": 1})(DiesOnce).remote
+
+    monkeypatch.setattr(runners, "ShardWorker", DiesOnce)
+    caplog.set_level(logging.INFO, logger="pipeline")
+    out, result = tmp_path / "out", {}
+    t = threading.Thread(target=lambda: result.update(driver.run(_cfg(corpus, out), NoRoomForReplacements())),
+                         daemon=True)
+    t.start()
+    t.join(180)
+    assert not t.is_alive(), "the run waited for a replacement actor that can never start"
+    assert flag.exists() and "starting a replacement, its shards go to the others" in caplog.text
+    assert (result["run"]["images"], result["run"]["ok"], result["run"]["shards"]) == (8, 8, 3)
+    _assert_exactly_once(str(out), SAME_SIZE)
+    _assert_matches(str(out), _reference(model, _files(corpus, SAME_SIZE)))
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True)]  # nothing named left behind
+
+
+@pytest.mark.slow
 def test_run_ray_with_decode_tasks_feeding_one_actor_matches_the_model(ray_local, corpus: Path, tmp_path: Path, model,
                                                                        monkeypatch, caplog):
     # The GPU clusters' layout (decode tasks on the CPUs feeding one actor per GPU), here on CPU.

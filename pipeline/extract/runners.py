@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SHARD_ATTEMPTS = 3  # runs of a shard whose actor died (Ray retries) or that raised (resubmitted) before the job fails
+SHARD_ATTEMPTS = 3  # runs of a shard (its actor died, or it raised: resubmitted) before the job fails
 
 
 class Runner(Protocol):
@@ -81,13 +81,15 @@ class RayRunner:
     driver calls it once the input and output are checked; a run that turns out to have nothing to do then stops the
     actors again (``close``). Each actor is given up to ``cfg.prefetch`` shards at once, decoded ahead of it (by
     decode tasks, or by the actor's other call threads) so that decoding, inference and writing overlap, and at most
-    that many decoded shards exist at once (memory stays flat as the corpus grows). A shard whose actor dies is
-    resubmitted, up to ``SHARD_ATTEMPTS`` runs.
+    that many decoded shards exist at once (memory stays flat as the corpus grows). A shard whose call fails is
+    resubmitted, up to ``SHARD_ATTEMPTS`` runs; a dead actor is replaced, and its shards go to the live ones.
     """
 
     def __init__(self) -> None:
         self.actors: list[Any] = []
         self.warming: list[Any] = []
+        self.make_actor: Any = None
+        self.actor_kwargs: dict[str, Any] = {}
         self.layout: ActorLayout | None = None
         self.cfg: ExtractConfig | None = None
 
@@ -103,24 +105,26 @@ class RayRunner:
         log.info("%d model actor(s), %.2g GPU, %.2g CPU and %d torch threads each; decoding %s", layout.actors,
                  layout.num_gpus, cfg.actor_cpus, layout.threads,
                  "in the model actors" if layout.decode_in_actor else "in CPU tasks feeding them")
-        # max_task_retries > 0: a call whose actor process died is retried by Ray on the restarted actor. With 0, the
-        # resubmitted shard reached the actor while it was still restarting and failed at once (ActorUnavailableError),
-        # so one crash used up every attempt within a second and failed the job. Shards are idempotent (same shard
-        # id, files overwritten, marker last), so re-running one is safe. An actor that decodes its own shards runs
-        # ``prefetch`` calls at once: the next shards decode in their threads while one holds the model.
-        actor_cls = ray.remote(num_cpus=cfg.actor_cpus, num_gpus=layout.num_gpus, max_restarts=-1,
-                               max_task_retries=max(0, SHARD_ATTEMPTS - 1),
-                               max_concurrency=cfg.prefetch if layout.decode_in_actor else 1)(ShardWorker)
-        self.actors = [actor_cls.remote(model_config=cfg.model_config(), output=cfg.output, batch_size=cfg.batch_size,
-                                        float16=cfg.float16, threads=layout.threads, storage_options=cfg.fs_options,
-                                        pad_step=cfg.pad_step) for _ in range(layout.actors)]
+        # No restarts by Ray: the driver replaces a dead actor itself and gives its shards to the live ones. Ray
+        # restarting it in place (max_restarts=-1 with task retries) hung the run when the restart could not be
+        # placed: with a node lost, the actors that died with it waited forever for CPUs the surviving actors hold,
+        # and so did the shards queued on them. Shards are idempotent (same shard id, files overwritten, marker
+        # last), so re-running one is safe. An actor that decodes its own shards runs ``prefetch`` calls at once: the
+        # next shards decode in their threads while one holds the model.
+        self.make_actor = ray.remote(num_cpus=cfg.actor_cpus, num_gpus=layout.num_gpus, max_restarts=0,
+                                     max_task_retries=0,
+                                     max_concurrency=cfg.prefetch if layout.decode_in_actor else 1)(ShardWorker).remote
+        self.actor_kwargs = {"model_config": cfg.model_config(), "output": cfg.output, "batch_size": cfg.batch_size,
+                             "float16": cfg.float16, "threads": layout.threads, "storage_options": cfg.fs_options,
+                             "pad_step": cfg.pad_step}
+        self.actors = [self.make_actor(**self.actor_kwargs) for _ in range(layout.actors)]
         self.warming = [a.warm.remote() for a in self.actors]
         self.layout = layout
         self.cfg = cfg
 
     def close(self) -> None:
-        """Stop the model actors (also when the run failed: restartable actors would otherwise outlive it, holding
-        their CPUs/GPUs, and a later run on the same cluster could wait forever for those resources)."""
+        """Stop the model actors (also when the run failed: they would otherwise outlive it, holding their CPUs/GPUs,
+        and a later run on the same cluster could wait forever for those resources)."""
         import ray
 
         for actor in self.actors:
@@ -131,8 +135,14 @@ class RayRunner:
         """Schedule the shards on the model actors (started now unless ``start`` did), and stop them at the end (see
         ``Runner.run``).
 
+        Each actor holds at most ``cfg.prefetch`` shards. Once some actor has warmed up, shards go only to actors that
+        have; a replacement still starting (or one that cannot be placed: its node was lost and the survivors' CPUs
+        are held by their own actors) gets none while another actor is left. A shard whose call fails is
+        resubmitted; when its actor died, the actor is replaced by a new one first.
+
         Raises:
-            RuntimeError: a shard failed ``SHARD_ATTEMPTS`` times (rerunning the same command resumes).
+            RuntimeError: a shard failed ``SHARD_ATTEMPTS`` times (raised once the shards in flight have finished, so
+                their work is kept; rerunning the same command resumes).
         """
         import ray
 
@@ -142,47 +152,85 @@ class RayRunner:
         so = cfg.fs_options
         for extra in self.actors[len(shards):]:  # more actors than shards: the extra ones have nothing to do
             ray.kill(extra, no_restart=True)
-        actors = self.actors[: max(1, len(shards))]
+        del self.actors[max(1, len(shards)):]
+        actors = self.actors  # slots; a replaced actor's successor takes its slot (and close() stops it)
         n_actors = len(actors)
+        warming = {ref: (a, actors[a]) for a, ref in enumerate(self.warming[:n_actors])}
+        ready = [False] * n_actors  # warmed up
+        spare = [False] * n_actors  # a replacement not warmed up yet: given shards only when no other actor is left
         in_actor = self.layout is not None and self.layout.decode_in_actor
         decode = ray.remote(num_cpus=1, max_retries=SHARD_ATTEMPTS)(decode_shard)
         counter = ray.remote(num_cpus=0)(ImageCounter).remote()  # the actors' image-level progress, batch by batch
         on_images = CountTo(counter)
         queue = deque((s, 1) for s in shards)
-        inflight: dict[Any, tuple[Shard, int, int]] = {}
+        inflight: dict[Any, tuple[Shard, int, int, Any]] = {}
         load = [0] * n_actors
         done: list[dict[str, Any]] = []
+
+        def replace(a: int, why: str) -> None:
+            log.warning("model actor %d is gone (%s); starting a replacement, its shards go to the others", a, why)
+            ray.kill(actors[a], no_restart=True)
+            actors[a] = self.make_actor(**self.actor_kwargs)
+            ready[a], spare[a] = False, True
+            warming[actors[a].warm.remote()] = (a, actors[a])
+
+        failed: RuntimeError | None = None  # a shard out of attempts: no new work; what is in flight finishes
         try:
-            while queue or inflight:
-                while queue and len(inflight) < n_actors * cfg.prefetch:
+            while (queue and failed is None) or inflight:
+                while queue and failed is None:
+                    eligible = ([a for a in range(n_actors) if ready[a]] or
+                                [a for a in range(n_actors) if not spare[a]] or range(n_actors))
+                    a = min(eligible, key=load.__getitem__)
+                    if load[a] >= cfg.prefetch:
+                        break
                     shard, attempt = queue.popleft()
-                    a = min(range(n_actors), key=load.__getitem__)
                     if in_actor:
                         ref = actors[a].decode_and_run.remote(shard, cfg.max_pixels, cfg.max_image_bytes, on_images)
                     else:
                         dref = decode.remote(shard, cfg.max_side, cfg.max_pixels, so,
                                              max_image_bytes=cfg.max_image_bytes)
                         ref = actors[a].run.remote(dref, on_images)
-                    inflight[ref] = (shard, a, attempt)
+                    inflight[ref] = (shard, a, attempt, actors[a])
                     load[a] += 1
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress.tick_s)
-                for ref in ready:
-                    shard, a, attempt = inflight.pop(ref)
+                ready_refs, _ = ray.wait([*inflight, *warming], num_returns=1, timeout=progress.tick_s)
+                for ref in ready_refs:
+                    if ref in warming:
+                        a, actor = warming.pop(ref)
+                        try:
+                            ray.get(ref)
+                            if actor is actors[a]:
+                                ready[a], spare[a] = True, False
+                        except ray.exceptions.RayError as e:  # its shard calls fail too, and replace it
+                            log.warning("model actor %d failed to start: %s", a, str(e).splitlines()[0])
+                        continue
+                    shard, a, attempt, actor = inflight.pop(ref)
                     load[a] -= 1
                     try:
                         done.append(ray.get(ref))
                     except ray.exceptions.RayError as e:
-                        if attempt >= SHARD_ATTEMPTS:
-                            raise RuntimeError(f"shard {shard.shard_id} failed {attempt} times; rerun the same "
-                                               f"command to resume: {e}") from e
+                        if isinstance(e, ray.exceptions.RayActorError) and actor is actors[a]:
+                            replace(a, str(e).splitlines()[0])
+                        if attempt >= SHARD_ATTEMPTS or failed is not None:
+                            log.warning("shard %s failed (attempt %d): %s", shard.shard_id, attempt,
+                                        str(e).splitlines()[0])
+                            if failed is None:
+                                failed = RuntimeError(f"shard {shard.shard_id} failed {attempt} times; rerun the "
+                                                      f"same command to resume: {e}")
+                                failed.__cause__ = e
+                                if inflight:
+                                    log.warning("letting the %d shard(s) in flight finish before failing",
+                                                len(inflight))
+                            continue
                         log.warning("shard %s failed (attempt %d), resubmitting: %s", shard.shard_id, attempt,
                                     str(e).splitlines()[0])
                         queue.append((shard, attempt + 1))
                 progress.counted = ray.get(counter.total.remote())
-                progress(done, final=not (queue or inflight))
+                progress(done, final=not ((queue and failed is None) or inflight))
         finally:
             ray.kill(counter, no_restart=True)
             self.close()
+        if failed is not None:
+            raise failed
         return done
 
 
