@@ -201,7 +201,7 @@ class RayRunner:
                             if actor is actors[a]:
                                 ready[a], spare[a] = True, False
                         except ray.exceptions.RayError as e:  # its shard calls fail too, and replace it
-                            log.warning("model actor %d failed to start: %s", a, str(e).splitlines()[0])
+                            log.warning("model actor %d did not warm up: %s", a, str(e).splitlines()[0])
                         continue
                     shard, a, attempt, actor = inflight.pop(ref)
                     load[a] -= 1
